@@ -1,0 +1,1 @@
+"""Helpers for the S9 notebook: data (dataset), network (model), training (backprop), pictures (utils)."""

@@ -1,0 +1,165 @@
+"""The data pipeline: statistics, the exact augmentations, seeding, loaders, and clear errors."""
+
+import urllib.error
+import urllib.request
+import warnings
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from helpers import dataset as ds
+
+
+def test_mean_and_std_match_the_real_training_set(train_split):
+    pixels = train_split.data.reshape(-1, 3) / 255.0
+    # "agree to 3 decimals": within half a unit of the third decimal
+    assert np.abs(pixels.mean(0) - ds.CIFAR10_MEAN).max() < 5e-4
+    assert np.abs(pixels.std(0) - ds.CIFAR10_STD).max() < 5e-4
+
+
+def test_train_pipeline_is_the_assignments_in_order():
+    names = [type(t).__name__ for t in ds.train_transforms().transforms]
+    assert names == ["HorizontalFlip", "ShiftScaleRotate", "CoarseDropout", "Normalize", "ToTensorV2"]
+    assert [type(t).__name__ for t in ds.test_transforms().transforms] == ["Normalize", "ToTensorV2"]
+
+
+def test_coarse_dropout_is_one_16x16_hole_of_mean_colour_with_2x_argument_names():
+    dropout = next(t for t in ds.augmentations() if isinstance(t, A.CoarseDropout))
+    assert dropout.num_holes_range == (1, 1)
+    assert dropout.hole_height_range == (16, 16) and dropout.hole_width_range == (16, 16)
+    assert dropout.fill == ds.MEAN_PIXEL == (125, 123, 114)  # 0..255 scale: it runs before Normalize
+    shift = next(t for t in ds.augmentations() if isinstance(t, A.ShiftScaleRotate))
+    assert shift.border_mode == cv2.BORDER_CONSTANT and tuple(shift.fill) == ds.MEAN_PIXEL
+
+
+def _warnings_while(build) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build()
+    return [str(w.message) for w in caught]
+
+
+def test_building_the_pipelines_warns_about_nothing():
+    assert _warnings_while(lambda: (ds.train_transforms(), ds.test_transforms(), ds.augmentations())) == []
+
+
+def test_the_warning_check_catches_1x_argument_names():
+    # The failure this guards against: 2.x ignores 1.x names with nothing but a warning.
+    caught = _warnings_while(lambda: A.CoarseDropout(max_holes=1, max_height=16, max_width=16, fill_value=0))
+    assert any("not valid" in message for message in caught)
+
+
+def _forced(kind: type, p: float = 1.0) -> A.Compose:
+    transform = next(t for t in ds.augmentations() if isinstance(t, kind))
+    transform.p = p
+    return A.Compose([transform], seed=0)
+
+
+def test_dropout_changes_exactly_one_16x16_square_to_the_mean_on_real_images(train_split):
+    dropout = _forced(A.CoarseDropout)
+    fill = np.array(ds.MEAN_PIXEL, dtype=np.uint8)
+    for image in train_split.data[:500]:
+        out = dropout(image=image)["image"]
+        changed = (out != image).any(-1)
+        is_fill = (out == fill).all(-1)
+        # Count fill pixels in every 16x16 window with a summed-area table.
+        table = np.pad(is_fill.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        windows = table[16:, 16:] - table[:-16, 16:] - table[16:, :-16] + table[:-16, :-16]
+        full = np.argwhere(windows == 256)
+        assert len(full) >= 1, "no 16x16 square of the fill colour"
+        inside = [
+            (y, x) for y, x in full if not changed[:y].any() and not changed[y + 16 :].any()
+            and not changed[:, :x].any() and not changed[:, x + 16 :].any()
+        ]  # fmt: skip
+        assert inside, "pixels changed outside the 16x16 hole"
+        assert changed.sum() > 0.5 * 256  # the hole really overwrote the image
+
+
+def test_flips_happen_at_the_chosen_rate(train_split):
+    flip = _forced(A.HorizontalFlip, ds.FLIP_P)
+    images = [im for im in train_split.data[:3000] if not np.array_equal(im, im[:, ::-1])][:2000]
+    flipped = np.mean([np.array_equal(flip(image=im)["image"], im[:, ::-1]) for im in images])
+    assert abs(flipped - ds.FLIP_P) < 0.04
+
+
+def test_same_seed_gives_the_same_augmented_images(train_split):
+    images = train_split.data[:32]
+    run = lambda seed: np.stack([ds.train_transforms(seed)(image=im)["image"].numpy() for im in images[:1]] +  # noqa: E731
+                                [t(image=im)["image"].numpy() for t in [ds.train_transforms(seed)] for im in images])  # fmt: skip
+    assert np.array_equal(run(1), run(1))
+    assert not np.array_equal(run(1), run(2))
+
+
+def test_per_image_pipeline_gives_normalized_float_chw(train_split):
+    image = train_split.data[0]
+    for transform in (ds.train_transforms(0), ds.test_transforms()):
+        out = transform(image=image)["image"]
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    expected = (image / 255.0 - np.array(ds.CIFAR10_MEAN)) / np.array(ds.CIFAR10_STD)
+    assert torch.allclose(ds.test_transforms()(image=image)["image"], torch.tensor(expected.transpose(2, 0, 1)).float(), atol=1e-5)
+
+
+def test_batch_normalize_matches_the_per_image_pipeline(train_split):
+    images = train_split.data[:8]
+    batch = ds.normalize(torch.from_numpy(images))
+    per_image = torch.stack([ds.test_transforms()(image=im)["image"] for im in images])
+    assert batch.shape == (8, 3, 32, 32) and torch.allclose(batch, per_image, atol=1e-5)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    mean_image = torch.tensor(ds.MEAN_PIXEL, dtype=torch.uint8).expand(1, 32, 32, 3)
+    assert ds.normalize(mean_image).abs().max() < 0.01  # the fill colour is ~0 after normalization
+
+
+def test_bad_images_get_clear_errors():
+    with pytest.raises(ValueError, match="N x H x W x 3"):
+        ds.normalize(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="N x 32 x 32 x 3"):
+        ds.CIFAR10Images(np.zeros((4, 28, 28), np.uint8), [0] * 4)
+
+
+def test_missing_data_offline_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(ds.DatasetNotFoundError) as err:
+        ds.load_cifar10(True, tmp_path / "nowhere")
+    message = str(err.value)
+    assert str((tmp_path / "nowhere").resolve()) in message
+    assert "unpack.py" in message and "CIFAR10_ROOT" in message
+
+
+def test_loaders_yield_uint8_batches_reproducibly_whatever_the_workers(cifar_root):
+    def first_batches(workers):
+        train, test = ds.make_loaders(64, seed=3, num_workers=workers, train_size=256, test_size=128, root=cifar_root)
+        train.batch_sampler.set_epoch(2)
+        return next(iter(train)), next(iter(test)), len(train), len(test)
+
+    (x0, y0), (tx, ty), n_train, n_test = first_batches(0)
+    (x2, y2), *_ = first_batches(2)
+    assert x0.dtype == torch.uint8 and x0.shape == (64, 32, 32, 3) and y0.dtype == torch.int64
+    assert tx.shape == (64, 32, 32, 3) and (n_train, n_test) == (4, 2)
+    assert torch.equal(x0, x2) and torch.equal(y0, y2)
+
+
+def test_sampler_epochs_differ_and_cover_every_image():
+    sampler = ds.SeededBatchSampler(100, 32, shuffle=True, seed=0)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert sorted(i for b in epoch0 for i in b.indices) == list(range(100))
+    assert [b.indices for b in epoch0] != [b.indices for b in epoch1]
+    assert len(epoch0) == len(sampler) == 4
+
+
+def test_seed_everything_alone_fixes_the_augmented_batches(cifar_root):
+    from helpers.backprop import seed_everything
+
+    def first_batch(seed):
+        return next(iter(ds.make_loaders(32, seed, num_workers=0, train_size=64, test_size=32, root=cifar_root)[0]))[0]
+
+    seed_everything(5)
+    assert torch.equal(first_batch(None), first_batch(5))
+    assert not torch.equal(first_batch(5), first_batch(6))
