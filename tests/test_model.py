@@ -1,0 +1,123 @@
+"""The assignment's architecture rules, each checked on the shipped Net itself."""
+
+import torch
+import torch.nn as nn
+
+from helpers import model as M
+
+
+def _convs(net: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_blocks_are_c1_c2_c3_c4_then_output():
+    assert [name for name, _ in M.Net().named_children()] == ["c1", "c2", "c3", "c4", "output"]
+
+
+def test_no_pooling_but_global_average_and_no_stride_anywhere():
+    net = M.Net()
+    pools = [m for m in net.modules() if "Pool" in type(m).__name__]
+    assert len(pools) == 1 and isinstance(pools[0], nn.AdaptiveAvgPool2d) and pools[0].output_size in (1, (1, 1))
+    assert all(conv.stride == (1, 1) for conv in _convs(net))
+
+
+def test_blocks_shrink_the_map_with_dilated_kernels():
+    shrinking = [c for c in _convs(M.Net()) if c.padding == (0, 0) and c.kernel_size == (3, 3)]
+    assert len(shrinking) == 3 and all(c.dilation[0] > 1 for c in shrinking)
+    sizes = [row.size_out for row in M.receptive_field(M.Net()) if row.layer.endswith(("c1.2.0", "c2.1.0", "c3.1.0"))]
+    assert sizes == [24, 16, 8]
+
+
+def test_has_a_dilated_convolution():
+    assert any(conv.dilation[0] > 1 for conv in _convs(M.Net()))
+
+
+def test_has_a_depthwise_conv_feeding_a_pointwise_conv():
+    net = M.Net()
+    outputs, pairs = {}, []
+
+    def hook(module, inputs, output):
+        if module.kernel_size == (1, 1) and id(inputs[0]) in outputs:
+            pairs.append((outputs[id(inputs[0])], module))
+        outputs[id(output)] = module
+
+    handles = [c.register_forward_hook(hook) for c in _convs(net)]
+    net.eval()(torch.randn(1, 3, 32, 32))
+    for h in handles:
+        h.remove()
+    separable = [(dw, pw) for dw, pw in pairs if dw.groups == dw.in_channels == dw.out_channels > 1]
+    assert separable, "no depthwise conv (groups = in_channels) whose output feeds a 1x1 conv"
+    assert all(pw.in_channels == dw.out_channels for dw, pw in separable)
+
+
+def test_global_average_pool_then_a_layer_to_ten_classes():
+    output = M.Net().output
+    assert isinstance(output[0], nn.AdaptiveAvgPool2d)
+    last = [m for m in output.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    assert (last.out_features if isinstance(last, nn.Linear) else last.out_channels) == 10
+    assert M.Net()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_under_200k_parameters():
+    params = M.count_parameters(M.Net())
+    print(f"Net has {params:,} parameters")
+    assert params < 200_000
+
+
+def test_wrong_input_gets_a_clear_error():
+    for bad in (torch.randn(2, 1, 32, 32), torch.randn(2, 32, 32, 3), torch.randn(2, 3, 16, 16)):
+        try:
+            M.Net()(bad)
+        except ValueError as err:
+            assert "N x 3 x H x W" in str(err) and str(tuple(bad.shape)) in str(err)
+        else:
+            raise AssertionError(f"{tuple(bad.shape)} was accepted")
+
+
+def test_receptive_field_formula_on_a_known_stack():
+    toy = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, dilation=2), nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 4, 3))
+    rows = M.receptive_field(toy, (3, 32, 32))
+    assert [r.rf_out for r in rows] == [3, 7, 9, 13]  # +2, +4, +2, then +2 x jump 2
+    assert [r.jump_out for r in rows] == [1, 1, 2, 2]
+    assert [r.size_out for r in rows] == [30, 26, 12, 10]
+
+
+def test_receptive_field_table_follows_forward_order_and_exceeds_44():
+    net = M.Net()
+    rows = M.receptive_field(net)
+    conv_names = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    assert [r.layer for r in rows] == conv_names + ["output.0"]
+    assert M.total_receptive_field(net) > 44
+    assert M.format_receptive_field(rows).count("\n") == len(rows) + 1
+
+
+def test_gradient_of_one_central_unit_covers_exactly_the_computed_receptive_field():
+    torch.manual_seed(0)
+    net = M.Net().eval()
+    rf = M.total_receptive_field(net)
+    grad = torch.zeros(128, 128)
+    for _ in range(4):  # several random inputs, so ReLU zeros cannot hide a pixel
+        x = torch.randn(1, 3, 128, 128, requires_grad=True)
+        features = net.c4(net.c3(net.c2(net.c1(x))))
+        centre = features.shape[-1] // 2
+        features[0, :, centre, centre].sum().backward()
+        grad += x.grad[0].abs().sum(0)
+    rows, cols = torch.nonzero(grad).unbind(1)
+    assert rows.max() - rows.min() + 1 == rf and cols.max() - cols.min() + 1 == rf
+    square = grad[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    assert (square > 0).all(), "holes inside the receptive field"
+
+
+def test_macs_counter_matches_hand_count():
+    toy = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.Linear(8 * 32 * 32, 10))
+    expected = 32 * 32 * 8 * 3 * 9 + 32 * 32 * 8 * 1 * 9 + 8 * 32 * 32 * 10
+    assert M.count_macs(toy) == expected
+
+
+def test_summary_runs_on_a_cpu_model_and_keeps_batchnorm_statistics(capsys):
+    net = M.Net()
+    before = net.c1[0][1].running_mean.clone()
+    M.summary(net)
+    out = capsys.readouterr().out
+    assert f"Total params: {M.count_parameters(net):,}" in out and "AdaptiveAvgPool2d" in out and "Multiply-accumulates" in out
+    assert torch.equal(before, net.c1[0][1].running_mean)
