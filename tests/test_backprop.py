@@ -1,0 +1,123 @@
+"""Training: it learns, it resumes bit for bit, it never looks at the test set, checkpoints are safe."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import backprop as B
+from helpers.dataset import make_loaders
+from helpers.model import Net
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def small(cifar_root):
+    """Loader factory over a small real subset, single-process for speed."""
+    return lambda seed=0: make_loaders(64, seed=seed, num_workers=0, train_size=256, test_size=128, root=cifar_root)
+
+
+def _fit(loaders, epochs=3, checkpoint=None, **kw):
+    B.seed_everything(0)
+    model = Net()
+    history = B.fit(model, *loaders, epochs, device=CPU, checkpoint=checkpoint, **kw)
+    return model, history
+
+
+def test_seed_everything_repeats_every_generator():
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    B.seed_everything(7)
+    first = draw()
+    B.seed_everything(7)
+    assert draw() == first
+
+
+def test_schedule_warms_up_to_the_peak_then_decays_to_zero():
+    opt = B.make_optimizer(Net(), 0.2)
+    sched = B.make_scheduler(opt, 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.02) and max(lrs) == pytest.approx(0.2) and lrs.index(max(lrs)) == 25
+    assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[25:], lrs[26:]))
+
+
+def test_weight_decay_skips_batchnorm_and_biases():
+    decay, no_decay = B.make_optimizer(Net(), 0.1).param_groups
+    assert decay["weight_decay"] > 0 and all(p.ndim > 1 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0 and all(p.ndim == 1 for p in no_decay["params"])
+
+
+def test_training_lowers_the_loss(small):
+    _, history = _fit(small(), epochs=4)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert set(history[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "train_seconds", "seconds"}
+
+
+def test_the_test_set_never_changes_training(small, cifar_root):
+    loaders = small()
+    other_test = make_loaders(64, seed=9, num_workers=0, train_size=256, test_size=64, root=cifar_root)[1]
+    a, _ = _fit(loaders, epochs=2)
+    b, _ = _fit((small()[0], other_test), epochs=2)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_killed_and_resumed_run_matches_an_uninterrupted_one_bit_for_bit(small, tmp_path, monkeypatch):
+    straight, straight_history = _fit(small(), epochs=3)
+
+    real_train, calls = B.train, []
+
+    def dies_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if the run were killed during epoch 3
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(B, "train", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(small(), epochs=3, checkpoint=tmp_path / "run.pt")
+    monkeypatch.setattr(B, "train", real_train)
+    assert B.load_checkpoint(tmp_path / "run.pt")["epoch"] == 2
+
+    B.seed_everything(123)  # a fresh process would start from other RNG states: the checkpoint restores them
+    resumed = Net()
+    resumed_history = B.fit(resumed, *small(), 3, device=CPU, checkpoint=tmp_path / "run.pt")
+    assert all(torch.equal(x, y) for x, y in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    strip = lambda hs: [{k: v for k, v in h.items() if "seconds" not in k} for h in hs]  # noqa: E731
+    assert strip(resumed_history) == strip(straight_history)
+
+
+def test_saving_never_leaves_a_half_written_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    B.save_checkpoint(path, value=1)
+
+    def crash(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"half a fi")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        B.save_checkpoint(path, value=2)
+    assert B.load_checkpoint(path)["value"] == 1
+
+
+def test_corrupt_checkpoint_gets_a_clear_error(small, tmp_path):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(B.CheckpointError, match="delete it"):
+        _fit(small(), epochs=1, checkpoint=path)
+
+
+def test_mismatched_checkpoint_gets_a_clear_error(small, tmp_path):
+    path = tmp_path / "run.pt"
+    _fit(small(), epochs=1, checkpoint=path)
+    with pytest.raises(B.CheckpointError, match="another run"):
+        _fit(small(), epochs=2, checkpoint=path)
+    with pytest.raises(B.CheckpointError, match="another network"):
+        B.fit(Net(widths=(16, 32, 64, 64)), *small(), 1, device=CPU, checkpoint=path)
