@@ -27,6 +27,18 @@ def pytest_configure(config: pytest.Config) -> None:
         subprocess.run([sys.executable, str(OFFLINE_COPY), os.environ["CIFAR10_ROOT"]], check=True)
 
 
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: every download attempt fails as it does on a machine without internet."""
+    import urllib.error
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
     """The folder holding cifar-10-batches-py, or a skip that says why there is none."""

@@ -38,14 +38,7 @@ def test_benchmark_prints_both_loaders_side_by_side(cifar_root, monkeypatch, cap
     assert all(float(cell.replace(",", "")) > 0 for cell in loader_row.strip("|").split("|")[1:])
 
 
-def test_missing_data_ends_the_command_with_the_fix_not_a_traceback(tmp_path, monkeypatch, capsys):
-    import urllib.error
-    import urllib.request
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+def test_missing_data_ends_the_command_with_the_fix_not_a_traceback(tmp_path, monkeypatch, capsys, offline):
     monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path))
     assert train.main(["--quick", "--workers", "0", "--out", str(tmp_path / "out")]) == 2
     assert "unpack.py" in capsys.readouterr().err
