@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.backprop import amp_dtype
-from helpers.dataset import normalize
+from helpers import backprop
+from helpers.dataset import make_loaders
 from helpers.model import Net, count_parameters
 
 RESULTS = Path(__file__).resolve().parents[1] / "Results"
@@ -28,14 +28,13 @@ def test_committed_run_is_a_full_run_that_meets_the_assignment(metrics):
     assert metrics["params"] == count_parameters(Net()) < 200_000
 
 
-def test_committed_weights_reproduce_the_reported_accuracy_on_the_real_test_set(metrics, test_split):
-    net = Net().eval()
+def test_committed_weights_reproduce_the_reported_accuracy_on_the_real_test_set(metrics, cifar_root):
+    net = Net()
     net.load_state_dict(torch.load(RESULTS / "s9_net.pt", weights_only=True))
-    images, labels = torch.from_numpy(test_split.data), torch.tensor(test_split.targets)
-    dtype = amp_dtype(torch.device("cpu"))
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-        predictions = torch.cat([net(normalize(images[i : i + 500])).argmax(1) for i in range(0, len(images), 500)])
-    accuracy = 100 * (predictions == labels).float().mean().item()
+    _, test_loader = make_loaders(500, num_workers=0, train_size=500, root=cifar_root)  # the whole test split
+    assert len(test_loader.dataset) == 10_000
+    cpu = torch.device("cpu")
+    _, accuracy = backprop.test(net, test_loader, cpu, backprop.amp_dtype(cpu))  # the same evaluation fit reports
     print(f"committed weights: {accuracy:.2f}% on the 10,000 real test images")
     assert accuracy >= 85.0
     assert abs(accuracy - metrics["final_test_acc"]) < 0.3  # GPU vs CPU bf16 rounding moves a few images
