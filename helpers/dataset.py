@@ -1,17 +1,22 @@
-"""CIFAR-10: loading, the assignment's albumentations pipeline, and a fast batched loader.
+"""Image data: CIFAR-10 (or any uint8 image arrays), the assignment's albumentations pipeline, fast loaders.
 
-Images travel through the DataLoader as uint8 (4x smaller than float32) and are normalized
-on the device by `normalize`; the albumentations transforms themselves run in the workers,
-on whole batches at a time, so no per-image collate or PIL round trip is paid.
+Images travel through the DataLoader as uint8 (4x smaller than float32) and are normalized on the
+device by `normalize`; the albumentations transforms run in the workers on whole batches at a time,
+so no per-image collate or PIL round trip is paid.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import random
+import subprocess
+import sys
 import urllib.error
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,23 +28,75 @@ import torchvision
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .recipe import RECIPE, Recipe
+
 # Per-channel statistics of the 50,000 training images, 0..1 scale (tests recompute them).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-# The same mean in the uint8 scale where the augmentations run: CoarseDropout's and
-# ShiftScaleRotate's fill, which Normalize later maps to (almost exactly) zero.
-MEAN_PIXEL = tuple(round(255 * m) for m in CIFAR10_MEAN)  # (125, 123, 114)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-IMAGE_SHAPE = (32, 32, 3)
 
-# Probabilities and limits of the train augmentations, justified in augmentations().
-FLIP_P = 0.5
-SHIFT_LIMIT, SCALE_LIMIT, ROTATE_LIMIT, SHIFT_SCALE_ROTATE_P = 0.0625, 0.1, 15, 0.5
-HOLE_SIZE, COARSE_DROPOUT_P = 16, 0.5
+
+def mean_pixel(mean: Sequence[float]) -> tuple[int, ...]:
+    """A 0..1 mean in the uint8 scale where the augmentations run: the fill that Normalize maps to ~0."""
+    return tuple(round(255 * m) for m in mean)
+
+
+MEAN_PIXEL = mean_pixel(CIFAR10_MEAN)  # (125, 123, 114): CoarseDropout's and ShiftScaleRotate's fill
+
+
+# The course machines have no internet but keep an md5-checked copy beside the checkout: used when present.
+OFFLINE_COPY = Path(__file__).resolve().parents[2] / "shared" / "cifar10" / "unpack.py"
 
 
 class DatasetNotFoundError(RuntimeError):
-    """CIFAR-10 is neither on disk nor downloadable (offline)."""
+    """CIFAR-10 is neither on disk nor downloadable (offline), or a file of it is corrupt."""
+
+
+@dataclass
+class ImageData:
+    """A labelled image-classification dataset in memory: what make_loaders takes.
+
+    Images are uint8 N x H x W x C arrays; mean/std (0..1 scale, per channel) are computed from the
+    train images when not given.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            images, labels = getattr(self, f"{split}_images"), np.asarray(getattr(self, f"{split}_labels"))
+            check_images(images)
+            if len(labels) != len(images) or labels.min() < 0 or labels.max() >= len(self.classes):
+                raise ValueError(
+                    f"{split}: {len(images)} images but {len(labels)} labels in "
+                    f"{labels.min()}..{labels.max()}; labels must be 0..{len(self.classes) - 1} (one per class name)"
+                )
+            setattr(self, f"{split}_labels", labels.astype(np.int64))
+        pixels = self.train_images.reshape(-1, self.train_images.shape[-1])
+        self.mean = tuple(self.mean) if self.mean is not None else tuple(float(m) for m in pixels.mean(0) / 255)
+        self.std = tuple(self.std) if self.std is not None else tuple(float(s) for s in pixels.std(0) / 255)
+
+
+def check_images(images: np.ndarray) -> None:
+    """Refuse anything but a uint8 N x H x W x C array (C = 1 or 3), with what was given."""
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[-1] not in (1, 3)
+    ):
+        shape = getattr(images, "shape", None)
+        raise ValueError(
+            f"expected uint8 images N x H x W x C with C = 1 or 3, "
+            f"got {getattr(images, 'dtype', type(images))} {shape}; "
+            "add a channel axis to grayscale (images[..., None]) and convert floats with (x * 255).astype(np.uint8)"
+        )
 
 
 def data_root() -> Path:
@@ -47,54 +104,91 @@ def data_root() -> Path:
     return Path(os.environ.get("CIFAR10_ROOT", "./data"))
 
 
+def _corrupt_files(folder: Path) -> list[str]:
+    """Names of CIFAR-10 files that are present but do not match torchvision's md5 sums."""
+    sums = torchvision.datasets.CIFAR10.train_list + torchvision.datasets.CIFAR10.test_list
+    return [
+        name
+        for name, md5 in sums
+        if (folder / name).exists() and hashlib.md5((folder / name).read_bytes()).hexdigest() != md5
+    ]
+
+
 def load_cifar10(train: bool, root: str | Path | None = None) -> torchvision.datasets.CIFAR10:
     """The raw split (uint8 `.data` N x 32 x 32 x 3, `.targets`); downloads once when online."""
     root = Path(root) if root is not None else data_root()
+    folder = root.resolve() / "cifar-10-batches-py"
+    if not (folder / "batches.meta").exists() and OFFLINE_COPY.exists():
+        print(f"unpacking the offline CIFAR-10 copy {OFFLINE_COPY.parent} into {folder}")
+        subprocess.run([sys.executable, str(OFFLINE_COPY), str(root)], check=True, stdout=subprocess.DEVNULL)
     try:
-        # download=True verifies the md5 of a local copy and downloads only when it is missing.
+        # download=True verifies the md5 of a local copy and downloads only when it is missing or corrupt.
         return torchvision.datasets.CIFAR10(root=str(root), train=train, download=True)
     except (urllib.error.URLError, OSError, RuntimeError) as err:
+        corrupt = _corrupt_files(folder)
+        if corrupt:
+            raise DatasetNotFoundError(
+                f"CIFAR-10 in {folder} is corrupt: {', '.join(corrupt)} failed the md5 check (truncated or "
+                f"changed). Fix: delete {folder} and unpack it again (python3 ../shared/cifar10/unpack.py {root}), "
+                "or rerun online to download it afresh."
+            ) from err
         raise DatasetNotFoundError(
-            f"CIFAR-10 is not in {root.resolve()}/cifar-10-batches-py and could not be downloaded "
+            f"CIFAR-10 is not in {folder} and could not be downloaded "
             f"({type(err).__name__}: {err}).\nFix one of: go online and rerun (it downloads 170 MB "
             f"once); unpack an offline copy there (python3 ../shared/cifar10/unpack.py {root}); "
             f"or set CIFAR10_ROOT to the folder that holds cifar-10-batches-py/."
         ) from err
 
 
-def augmentations() -> list[A.BasicTransform]:
-    """The assignment's train augmentations, in uint8 pixel space (before Normalize)."""
+def cifar10(root: str | Path | None = None) -> ImageData:
+    """The real CIFAR-10, both splits, with its published mean and std."""
+    train, test = load_cifar10(True, root), load_cifar10(False, root)
+    return ImageData(
+        train.data, np.array(train.targets), test.data, np.array(test.targets), CLASSES, CIFAR10_MEAN, CIFAR10_STD
+    )
+
+
+def augmentations(recipe: Recipe = RECIPE, fill: Sequence[int] = MEAN_PIXEL) -> list[A.BasicTransform]:
+    """The assignment's train augmentations, in uint8 pixel space (before Normalize); reasons in recipe.py."""
     with warnings.catch_warnings():
         # 2.x advises Affine, which ShiftScaleRotate wraps; the assignment names ShiftScaleRotate.
         warnings.filterwarnings("ignore", message="ShiftScaleRotate is a special case", category=UserWarning)
         shift_scale_rotate = A.ShiftScaleRotate(
-            # CIFAR objects are centred and fill the frame: +-2 px shift, +-10% scale and +-15 deg keep
-            # them recognisable (the 45 deg default tilts horizons and costs accuracy at 32x32).
-            shift_limit=SHIFT_LIMIT,
-            scale_limit=SCALE_LIMIT,
-            rotate_limit=ROTATE_LIMIT,
+            shift_limit=recipe.shift_limit,
+            scale_limit=recipe.scale_limit,
+            rotate_limit=recipe.rotate_limit,
             border_mode=cv2.BORDER_CONSTANT,
-            fill=MEAN_PIXEL,  # opened borders become the mean (0 after Normalize), not black
-            p=SHIFT_SCALE_ROTATE_P,
+            fill=tuple(fill),  # opened borders become the mean (0 after Normalize), not black
+            p=recipe.shift_scale_rotate_p,
         )
     return [
-        A.HorizontalFlip(p=FLIP_P),  # every CIFAR class is left-right symmetric
+        A.HorizontalFlip(p=recipe.flip_p),
         shift_scale_rotate,
-        # Cutout: one 16x16 hole of mean colour (2.x names; 1.x's max_holes/fill_value are ignored).
-        # p=0.5 rather than 1: a 200k-parameter net in a short schedule underfits before it overfits.
+        # Cutout: one hole of mean colour (2.x names; 1.x's max_holes/fill_value are ignored with a warning).
         A.CoarseDropout(
             num_holes_range=(1, 1),
-            hole_height_range=(HOLE_SIZE, HOLE_SIZE),
-            hole_width_range=(HOLE_SIZE, HOLE_SIZE),
-            fill=MEAN_PIXEL,
-            p=COARSE_DROPOUT_P,
+            hole_height_range=(recipe.hole_size, recipe.hole_size),
+            hole_width_range=(recipe.hole_size, recipe.hole_size),
+            fill=tuple(fill),
+            p=recipe.coarse_dropout_p,
         ),
     ]
 
 
+def seed_pipeline(transform: A.Compose, seed: int) -> A.Compose:
+    """Draw every transform of the pipeline from ONE generator seeded with `seed`.
+
+    Compose.set_random_seed gives each transform its own generator with the same seed, so the first
+    image's draws agree across transforms (all applied or none); one shared generator decorrelates them.
+    """
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    return transform
+
+
 def train_transforms(seed: int | None = None) -> A.Compose:
-    """HxWx3 uint8 image -> augmented, normalized 3xHxW float tensor (the per-image pipeline)."""
-    return A.Compose([*augmentations(), A.Normalize(CIFAR10_MEAN, CIFAR10_STD), ToTensorV2()], seed=seed)
+    """HxWx3 uint8 image -> augmented, normalized 3xHxW float tensor (the classic per-image pipeline)."""
+    pipeline = A.Compose([*augmentations(), A.Normalize(CIFAR10_MEAN, CIFAR10_STD), ToTensorV2()])
+    return pipeline if seed is None else seed_pipeline(pipeline, seed)
 
 
 def test_transforms() -> A.Compose:
@@ -103,35 +197,48 @@ def test_transforms() -> A.Compose:
 
 
 @functools.cache
-def _pixel_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pixel_statistics(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std in the 0..255 scale, made once per device (a copy per batch would stall the GPU)."""
-    return torch.tensor(CIFAR10_MEAN, device=device) * 255, torch.tensor(CIFAR10_STD, device=device) * 255
+    return torch.tensor(mean, device=device) * 255, torch.tensor(std, device=device) * 255
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 batch N x H x W x 3 -> float N x 3 x H x W, normalized on the batch's own device.
+def normalize(
+    images: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
+) -> torch.Tensor:
+    """uint8 batch N x H x W x C -> float N x C x H x W, normalized on the batch's own device.
 
     Same numbers as A.Normalize + ToTensorV2, laid out channels_last (what the convolutions prefer).
     """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-        raise ValueError(f"normalize expects a uint8 N x H x W x 3 batch, got {images.dtype} {tuple(images.shape)}")
-    mean, std = _pixel_statistics(images.device)
-    return ((images.float() - mean) / std).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != len(mean):
+        raise ValueError(
+            f"normalize expects a uint8 N x H x W x {len(mean)} batch (one mean per channel), "
+            f"got {images.dtype} {tuple(images.shape)}"
+        )
+    m, s = _pixel_statistics(tuple(mean), tuple(std), images.device)
+    return ((images.float() - m) / s).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
-def model_input(images: torch.Tensor) -> torch.Tensor:
-    """A loader batch as Net wants it: uint8 N x H x W x 3 gets normalized, float N x 3 x H x W passes as is.
+def model_input(images: torch.Tensor, loader: DataLoader | None = None) -> torch.Tensor:
+    """A loader batch as a network wants it: uint8 N x H x W x C is normalized, float N x C x H x W passes.
 
-    So train/test work with make_loaders' fast uint8 batches and with classic train_transforms() loaders.
+    uint8 batches use the mean/std of the loader's ImageDataset (CIFAR-10's without one), so train/test
+    work with make_loaders' fast batches and with classic train_transforms() loaders alike.
     """
-    return normalize(images) if images.dtype == torch.uint8 else images
+    if images.dtype != torch.uint8:
+        return images
+    dataset = getattr(loader, "dataset", None)
+    return normalize(images, getattr(dataset, "mean", CIFAR10_MEAN), getattr(dataset, "std", CIFAR10_STD))
 
 
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Normalized float (N x) 3 x H x W -> displayable 0..1 (N x) H x W x 3, for plots."""
-    mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
-    return (images.detach().cpu().float() * std + mean).clamp(0, 1).movedim(-3, -1)
+def denormalize(
+    images: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
+) -> torch.Tensor:
+    """Normalized float (N x) C x H x W -> displayable 0..1 (N x) H x W x C, for plots."""
+    m = torch.tensor(mean).view(-1, 1, 1)
+    s = torch.tensor(std).view(-1, 1, 1)
+    return (images.detach().cpu().float() * s + m).clamp(0, 1).movedim(-3, -1)
 
 
 class SeededBatch(NamedTuple):
@@ -149,6 +256,8 @@ class SeededBatchSampler(Sampler[SeededBatch]):
     """
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.size, self.batch_size, self.shuffle, self.seed, self.drop_last = size, batch_size, shuffle, seed, drop_last
         self.epoch = 0
 
@@ -168,14 +277,25 @@ class SeededBatchSampler(Sampler[SeededBatch]):
             yield SeededBatch(int(seeds[b]), order[b * self.batch_size : (b + 1) * self.batch_size].tolist())
 
 
-class CIFAR10Images(Dataset):
-    """uint8 images through an optional albumentations pipeline, fetched a whole batch at a time."""
+class ImageDataset(Dataset):
+    """uint8 images through an optional albumentations pipeline, fetched a whole batch at a time.
 
-    def __init__(self, images: np.ndarray, labels: Sequence[int], transform: A.Compose | None = None):
-        if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8:
-            raise ValueError(f"expected uint8 images N x 32 x 32 x 3, got {images.dtype} {images.shape}")
+    Carries the mean/std that `model_input` normalizes its batches with, and the class names.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: Sequence[int],
+        transform: A.Compose | None = None,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+        classes: Sequence[str] = CLASSES,
+    ):
+        check_images(images)
         # torchvision keeps .data as a transposed view; one contiguous copy makes every lookup cheap
         self.images, self.labels, self.transform = np.ascontiguousarray(images), torch.as_tensor(labels), transform
+        self.mean, self.std, self.classes = tuple(mean), tuple(std), tuple(classes)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -185,18 +305,19 @@ class CIFAR10Images(Dataset):
         return (self.transform(image=image)["image"] if self.transform else image), int(self.labels[index])
 
     def __getitems__(self, batch: SeededBatch | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One uint8 N x 32 x 32 x 3 tensor and its labels: DataLoader calls this instead of collate."""
+        """One uint8 N x H x W x C tensor and its labels: DataLoader calls this instead of collate."""
         indices = batch.indices if isinstance(batch, SeededBatch) else list(batch)
         images = self.images[indices]
         if self.transform is not None:
             if isinstance(batch, SeededBatch):
-                self.transform.set_random_seed(batch.seed)
+                seed_pipeline(self.transform, batch.seed)
             images = np.stack([self.transform(image=image)["image"] for image in images])
+            images = images[..., None] if images.ndim == 3 else images  # some transforms drop a single channel
         return torch.from_numpy(images), self.labels[indices]
 
 
 def _already_batched(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """collate_fn for CIFAR10Images: __getitems__ already returns whole tensors."""
+    """collate_fn for ImageDataset: __getitems__ already returns whole tensors."""
     return batch
 
 
@@ -205,33 +326,48 @@ def default_workers() -> int:
     return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
-def subset(dataset: torchvision.datasets.CIFAR10, size: int | None, seed: int = 0) -> tuple[np.ndarray, list[int]]:
-    """(images, labels) of the whole split, or of a seeded random `size` of it (quick mode, tests)."""
-    if size is None or size >= len(dataset.data):
-        return dataset.data, list(dataset.targets)
-    keep = np.random.default_rng(seed).choice(len(dataset.data), size, replace=False)
-    return dataset.data[keep], [dataset.targets[i] for i in keep]
+def subset(images: np.ndarray, labels: np.ndarray, size: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The whole split, or a seeded random `size` of it (quick mode, tests)."""
+    if size is None or size >= len(images):
+        return images, labels
+    keep = np.random.default_rng(seed).choice(len(images), size, replace=False)
+    return images[keep], labels[keep]
 
 
 def make_loaders(
-    batch_size: int,
+    batch_size: int = RECIPE.batch_size,
     seed: int | None = None,
     device: str | torch.device = "cpu",
     num_workers: int | None = None,
     train_size: int | None = None,
     test_size: int | None = None,
     root: str | Path | None = None,
+    data: ImageData | None = None,
+    augment: Sequence[A.BasicTransform] | A.Compose | None = None,
 ) -> tuple[DataLoader, DataLoader]:
-    """Train (augmented, shuffled) and test loaders yielding (uint8 N x 32 x 32 x 3, labels).
+    """Train (augmented, shuffled) and test loaders yielding (uint8 N x H x W x C, labels).
 
-    seed=None takes torch's seed, so seed_everything(seed) alone fixes order and augmentations too.
+    data: any ImageData (default: CIFAR-10 from `root`); augment: the train transforms in uint8 space
+    (default: the assignment's, filled with the data's mean colour). seed=None takes torch's seed, so
+    seed_everything(seed) alone fixes order and augmentations too.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     seed = torch.initial_seed() % 2**31 if seed is None else seed
     num_workers = default_workers() if num_workers is None else num_workers
+    data = cifar10(root) if data is None else data
+    if augment is None:
+        augment = augmentations(fill=mean_pixel(data.mean))
+    pipeline = augment if isinstance(augment, A.BaseCompose) else A.Compose(list(augment))
     splits = []
-    for train, size, transform in ((True, train_size, A.Compose(augmentations())), (False, test_size, None)):
-        images, labels = subset(load_cifar10(train, root), size, seed)
-        dataset = CIFAR10Images(images, labels, transform)
+    for train, size, transform in ((True, train_size, pipeline), (False, test_size, None)):
+        images, labels = subset(
+            data.train_images if train else data.test_images,
+            data.train_labels if train else data.test_labels,
+            size,
+            seed,
+        )
+        dataset = ImageDataset(images, labels, transform, data.mean, data.std, data.classes)
         sampler = SeededBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed)
         splits.append(
             DataLoader(

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torchsummary
+from torch.overrides import TorchFunctionMode
+
+from .recipe import RECIPE
 
 
 class ConvBNReLU(nn.Sequential):
@@ -54,7 +59,7 @@ class Residual(nn.Module):
 class Net(nn.Module):
     """C1 C2 C3 C4 O for CIFAR-10; the defaults are the configuration we ship (under 200k weights)."""
 
-    def __init__(self, widths: tuple[int, int, int, int] = (32, 48, 96, 128), num_classes: int = 10):
+    def __init__(self, widths: tuple[int, int, int, int] = RECIPE.widths, num_classes: int = 10):
         super().__init__()
         w1, w2, w3, w4 = widths
         self.c1 = nn.Sequential(  # 32x32: few channels, dense convs see every colour together
@@ -75,7 +80,9 @@ class Net(nn.Module):
         )
         self.output = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w4, num_classes))
         self.min_size = 1 + sum(
-            m.dilation[0] * (m.kernel_size[0] - 1) - 2 * m.padding[0] for m in self.modules() if isinstance(m, nn.Conv2d)
+            m.dilation[0] * (m.kernel_size[0] - 1) - 2 * m.padding[0]
+            for m in self.modules()
+            if isinstance(m, nn.Conv2d)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +102,7 @@ def count_parameters(model: nn.Module) -> int:
 
 @dataclass
 class RFRow:
-    """One layer of the receptive-field table, in the assignment's notation."""
+    """One convolution or pooling of the receptive-field table, in the assignment's notation."""
 
     layer: str
     kernel: int
@@ -110,53 +117,125 @@ class RFRow:
     jump_out: int
 
 
-def _traced_layers(model: nn.Module, input_size: tuple[int, int, int], kinds: tuple[type, ...]):
-    """(name, module, input, output) for every module of `kinds`, in the order forward runs them."""
-    names = {m: n for n, m in model.named_modules()}
-    calls = []
-    hooks = [m.register_forward_hook(lambda m, i, o: calls.append((names[m], m, i[0], o))) for m in model.modules() if isinstance(m, kinds)]
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors inside an op's arguments (lists and tuples too: torch.cat takes a list)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _pair(value: Any) -> int:
+    """First of an int-or-tuple geometry argument (the table assumes square kernels)."""
+    return value if isinstance(value, int) else value[0]
+
+
+def _conv_geometry(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: ANN001, ANN202
+    return weight.shape[-1], _pair(dilation), _pair(stride), padding if isinstance(padding, str) else _pair(padding)
+
+
+def _max_pool_geometry(input, kernel_size, stride=None, padding=0, dilation=1, *args, **kwargs):  # noqa: ANN001, ANN202
+    return _pair(kernel_size), _pair(dilation), _pair(stride or kernel_size), _pair(padding)
+
+
+def _avg_pool_geometry(input, kernel_size, stride=None, padding=0, *args, **kwargs):  # noqa: ANN001, ANN202
+    return _pair(kernel_size), 1, _pair(stride or kernel_size), _pair(padding)
+
+
+def _adaptive_pool_geometry(input, output_size, *args, **kwargs):  # noqa: ANN001, ANN202
+    size_in, size_out = input.shape[-1], _pair(output_size) or input.shape[-1]
+    return -(-size_in // size_out), 1, size_in // size_out, 0
+
+
+_GEOMETRY = {
+    "conv2d": _conv_geometry,
+    "max_pool2d": _max_pool_geometry,
+    "avg_pool2d": _avg_pool_geometry,
+    "adaptive_avg_pool2d": _adaptive_pool_geometry,
+    "adaptive_max_pool2d": _adaptive_pool_geometry,
+}
+
+
+class _ReceptiveFieldTracer(TorchFunctionMode):
+    """Follows every tensor forward makes and gives it (receptive field, jump) of its longest path.
+
+    Convolutions and poolings grow the field by dilation * (kernel - 1) * jump and multiply the jump
+    by the stride; every other op (add of a residual branch, concat, BatchNorm, ReLU) takes the
+    largest field among its inputs. So shortcuts, branches and functional pooling are all counted.
+    """
+
+    def __init__(self, module_names: list[str]):
+        super().__init__()
+        self.fields: dict[int, tuple[int, int]] = {}
+        self.keep: list[torch.Tensor] = []  # holds every traced tensor, so no id() is ever reused
+        self.rows: list[RFRow] = []
+        self.module_names = module_names  # the stack of modules now running (innermost last)
+        self.last_map_rf = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "").lstrip("_")
+        traced = [self.fields[id(t)] for t in _tensors(args) + _tensors(list(kwargs.values())) if id(t) in self.fields]
+        rf, jump = max(traced, default=(1, 1))
+        if name in _GEOMETRY and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            x, y = args[0], out[0] if isinstance(out, tuple) else out
+            kernel, dilation, stride, padding = _GEOMETRY[name](*args, **kwargs)
+            rf_in, jump_in = self.fields.get(id(x), (1, 1))
+            rf, jump = rf_in + dilation * (kernel - 1) * jump_in, jump_in * stride
+            layer = self.module_names[-1] if self.module_names else f"F.{name}"
+            self.rows.append(
+                RFRow(layer, kernel, dilation, stride, padding, x.shape[-1], y.shape[-1], rf_in, rf, jump_in, jump)
+            )
+        for t in _tensors(out):
+            self.fields[id(t)] = (rf, jump)
+            self.keep.append(t)
+            if t.dim() == 4 and t.shape[-1] * t.shape[-2] > 1:
+                self.last_map_rf = rf  # the last spatial feature map forward produces
+        return out
+
+
+def _trace_receptive_field(model: nn.Module, input_size: tuple[int, int, int]) -> _ReceptiveFieldTracer:
+    """Run one forward pass of `model` under the tracer, naming every row by the module that ran it."""
+    stack: list[str] = []
+    hooks = []
+    for name, m in model.named_modules():
+        hooks.append(m.register_forward_pre_hook(lambda m, i, name=name: stack.append(name)))
+        hooks.append(m.register_forward_hook(lambda m, i, o: None if stack.pop() else None))  # None: keep the output
+    tracer = _ReceptiveFieldTracer(stack)
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
-            p = next(model.parameters())
+        p = next(model.parameters())
+        with torch.no_grad(), tracer:
             model(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return calls
+    return tracer
 
 
 def receptive_field(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> list[RFRow]:
-    """The receptive-field table, derived layer by layer from the convolutions forward actually runs.
-
-    rf_out = rf_in + (dilation * (kernel - 1)) * jump_in; jump_out = jump_in * stride. Residual
-    branches are centred (same padding), so the deepest path sets the RF, which is this chain.
-    The last row is the global average pool, whose kernel is the whole final map.
+    """The receptive-field table: every convolution and pooling forward runs, in order, with the
+    field of the longest path into it (rf_out = rf_in + dilation * (kernel - 1) * jump_in,
+    jump_out = jump_in * stride). Residual branches and shortcut convs are followed, not chained.
+    For Net the last row is the global average pool, whose kernel is the whole final map.
     """
-    rows: list[RFRow] = []
-    rf, jump = 1, 1
-    for name, m, x, y in _traced_layers(model, input_size, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
-        if isinstance(m, nn.AdaptiveAvgPool2d):
-            k, d, s, p = x.shape[-1], 1, 1, 0
-        else:
-            k, s, p = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride, m.padding))
-            d = m.dilation if isinstance(m.dilation, int) else m.dilation[0]
-        rf_out, jump_out = rf + d * (k - 1) * jump, jump * s
-        rows.append(RFRow(name, k, d, s, p, x.shape[-1], y.shape[-1], rf, rf_out, jump, jump_out))
-        rf, jump = rf_out, jump_out
-    return rows
+    return _trace_receptive_field(model, input_size).rows
 
 
-def total_receptive_field(model: nn.Module) -> int:
+def total_receptive_field(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> int:
     """RF of one unit of the last spatial feature map (before GAP): the number the assignment asks > 44."""
-    return [r for r in receptive_field(model) if r.layer and not r.layer.startswith("output")][-1].rf_out
+    return _trace_receptive_field(model, input_size).last_map_rf
 
 
 def format_receptive_field(rows: list[RFRow]) -> str:
     """The RF table as aligned text, one layer per line, for the notebook and logs."""
-    head = f"{'layer':<16}{'k':>3}{'d':>3}{'s':>3}{'p':>3}{'n_in':>6}{'n_out':>6}{'r_in':>6}{'r_out':>6}{'j_in':>6}{'j_out':>6}"
+    head = f"{'layer':<16}{'k':>3}{'d':>3}{'s':>3}{'p':>3}" + "".join(
+        f"{h:>6}" for h in ("n_in", "n_out", "r_in", "r_out", "j_in", "j_out")
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -169,17 +248,46 @@ def format_receptive_field(rows: list[RFRow]) -> str:
 def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> int:
     """Multiply-accumulates per image of every conv and linear layer (what the hardware pays)."""
     total = 0
-    for _, m, x, y in _traced_layers(model, input_size, (nn.Conv2d, nn.Linear)):
+
+    def count(m: nn.Module, inputs: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
+        nonlocal total
         if isinstance(m, nn.Conv2d):
             total += y[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
         else:
             total += m.in_features * m.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        p = next(model.parameters())
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
     return total
 
 
+def load_model(path: str | Path = "Results/s9_net.pt", model: nn.Module | None = None) -> nn.Module:
+    """Weights saved by this kit (a state_dict) in `model` (default: the shipped Net), on the CPU, in eval mode.
+
+    eval() matters: in train mode BatchNorm normalizes by the batch, and one image alone scores near chance.
+    """
+    model = Net() if model is None else model
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" in state:
+        raise ValueError(
+            f"{path} is not a weights file (a state_dict); a training checkpoint keeps them under ['model']"
+        )
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def summary(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> None:
-    """torchsummary's table on the model's own device (its default "cuda" fails for CPU models)."""
-    device = next(model.parameters()).device
-    # A copy, so the summary's forward pass leaves the real BatchNorm statistics untouched.
-    torchsummary.summary(copy.deepcopy(model), input_size, device="cuda" if device.type == "cuda" else "cpu")
+    """torchsummary's table, computed on a CPU copy (its default "cuda" fails elsewhere, and mps is unknown to it).
+
+    The copy also leaves the real BatchNorm statistics untouched by the summary's forward pass.
+    """
+    torchsummary.summary(copy.deepcopy(model).cpu().float(), input_size, device="cpu")
     print(f"Multiply-accumulates per image: {count_macs(model, input_size) / 1e6:.1f} M")

@@ -1,4 +1,7 @@
-"""Pictures and facts for the notebook and the logs: sample grids, curves, mistakes, hardware."""
+"""Pictures and facts for the notebook and the logs: sample grids, curves, mistakes, GradCAM, hardware.
+
+Every plot takes the class names (CIFAR-10's by default) and says only what the caller's run is.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 import torch
+import torch.nn as nn
 
-from .dataset import CLASSES, denormalize
+from .backprop import LRRangeTest
+from .dataset import CIFAR10_MEAN, CIFAR10_STD, CLASSES, normalize
 
 
 def save(fig: plt.Figure, path: str | Path | None) -> plt.Figure:
@@ -32,86 +37,215 @@ def _grid(count: int, columns: int, cell: float = 1.5) -> tuple[plt.Figure, np.n
     return fig, axes
 
 
-def plot_samples(images: np.ndarray, labels: Sequence[int], count: int = 20, columns: int = 10, path: str | Path | None = None) -> plt.Figure:
+def _show(ax: plt.Axes, image: np.ndarray) -> None:
+    """imshow for uint8 H x W x C images, grayscale (C = 1) included."""
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+
+
+def _names(labels: Sequence[int], classes: Sequence[str]) -> list[str]:
+    """Class names of integer labels, with a clear error when the names do not cover the labels."""
+    labels = [int(v) for v in labels]
+    if labels and max(labels) >= len(classes):
+        raise ValueError(
+            f"label {max(labels)} but only {len(classes)} class names: pass classes= (e.g. loader.dataset.classes)"
+        )
+    return [classes[v] for v in labels]
+
+
+def plot_samples(
+    images: np.ndarray,
+    labels: Sequence[int],
+    classes: Sequence[str] = CLASSES,
+    count: int = 20,
+    columns: int = 10,
+    path: str | Path | None = None,
+) -> plt.Figure:
     """The first `count` uint8 images with their class names: what the network is asked to tell apart."""
     fig, axes = _grid(count, columns)
-    for ax, image, label in zip(axes.flat, images[:count], labels[:count]):
-        ax.imshow(image)
-        ax.set_title(CLASSES[label], fontsize=9)
-    fig.suptitle("CIFAR-10 training images")
+    for ax, image, name in zip(axes.flat, images[:count], _names(labels[:count], classes)):
+        _show(ax, image)
+        ax.set_title(name, fontsize=9)
+    fig.suptitle("Training images")
     return save(fig, path)
 
 
-def plot_augmentations(images: np.ndarray, transform: A.Compose, draws: int = 7, path: str | Path | None = None) -> plt.Figure:
-    """Each image (a row) then `draws` passes of the train pipeline, de-normalized for display."""
+def plot_augmentations(
+    images: np.ndarray,
+    augment: A.BaseCompose | Sequence[A.BasicTransform],
+    draws: int = 7,
+    path: str | Path | None = None,
+) -> plt.Figure:
+    """Each uint8 image (a row) then `draws` passes of the train augmentations; titled by the transforms."""
+    pipeline = augment if isinstance(augment, A.BaseCompose) else A.Compose(list(augment))
     fig, axes = _grid(len(images) * (draws + 1), draws + 1)
     for row, image in enumerate(images):
-        axes[row, 0].imshow(image)
+        _show(axes[row, 0], image)
         axes[row, 0].set_title("original", fontsize=9)
         for col in range(1, draws + 1):
-            axes[row, col].imshow(denormalize(transform(image=image)["image"]).numpy())
+            _show(axes[row, col], pipeline(image=image)["image"])
             axes[row, col].set_title(f"draw {col}", fontsize=9)
-    fig.suptitle("Train augmentations: flip, shift-scale-rotate, one 16x16 mean-coloured hole")
+    fig.suptitle("Train augmentations: " + ", ".join(type(t).__name__ for t in pipeline.transforms))
     return save(fig, path)
 
 
-def plot_history(history: Sequence[dict[str, float]], path: str | Path | None = None) -> plt.Figure:
-    """Loss and accuracy per epoch, train beside test: the gap shows over- or under-fitting."""
+def plot_history(
+    history: Sequence[dict[str, float]], target: float | None = None, path: str | Path | None = None
+) -> plt.Figure:
+    """Loss and accuracy per epoch, train beside test (the gap shows over- or under-fitting); `target` draws a bar."""
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for split, style in (("train", "-o"), ("test", "-s")):
         loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split, markersize=3)
         acc_ax.plot(epochs, [h[f"{split}_acc"] for h in history], style, label=split, markersize=3)
-    loss_ax.set(title="Loss (train: label-smoothed, augmented)", xlabel="epoch", ylabel="cross-entropy")
+    loss_ax.set(title="Loss (train: the loss optimized, on augmented images)", xlabel="epoch", ylabel="cross-entropy")
     acc_ax.set(title=f"Accuracy (final test {history[-1]['test_acc']:.2f}%)", xlabel="epoch", ylabel="%")
-    acc_ax.axhline(85, color="grey", linestyle=":", label="assignment: 85%")
+    if target is not None:
+        acc_ax.axhline(target, color="grey", linestyle=":", label=f"target: {target:g}%")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
     return save(fig, path)
 
 
+def plot_lr_range_test(
+    result: LRRangeTest, chosen_lr: float | None = None, path: str | Path | None = None
+) -> plt.Figure:
+    """Smoothed loss against learning rate (log scale), with the steepest-descent suggestion and `chosen_lr`."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(result.lrs, result.losses)
+    ax.axvline(result.steepest, color="tab:orange", linestyle="--", label=f"steepest descent: {result.steepest:.3g}")
+    ax.axvline(result.minimum, color="tab:red", linestyle=":", label=f"lowest loss: {result.minimum:.3g}")
+    if chosen_lr is not None:
+        ax.axvline(chosen_lr, color="tab:green", label=f"peak used: {chosen_lr:g}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed training loss", title="LR range test")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return save(fig, path)
+
+
+def misclassified(labels: torch.Tensor, predictions: torch.Tensor, count: int) -> list[int]:
+    """Indices of the first `count` wrong predictions."""
+    return torch.nonzero(predictions != labels).flatten()[:count].tolist()
+
+
 def plot_misclassified(
-    images: np.ndarray, labels: torch.Tensor, predictions: torch.Tensor, count: int = 20, path: str | Path | None = None
+    images: np.ndarray,
+    labels: torch.Tensor,
+    predictions: torch.Tensor,
+    classes: Sequence[str] = CLASSES,
+    count: int = 20,
+    path: str | Path | None = None,
 ) -> plt.Figure:
     """The first `count` test images the model got wrong, with true and predicted class."""
-    wrong = torch.nonzero(predictions != labels).flatten()[:count].tolist()
+    wrong = misclassified(labels, predictions, count)
     fig, axes = _grid(max(len(wrong), 1), 5, cell=2.0)
     for ax, i in zip(axes.flat, wrong):
-        ax.imshow(images[i])
-        ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predictions[i]]}", fontsize=9)
+        _show(ax, images[i])
+        true, pred = _names([labels[i], predictions[i]], classes)
+        ax.set_title(f"true: {true}\npred: {pred}", fontsize=9)
     fig.suptitle(f"{len(wrong)} misclassified test images")
     return save(fig, path)
 
 
-def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor) -> np.ndarray:
-    """10 x 10 counts: row = true class, column = predicted class."""
-    return np.bincount(labels.numpy() * len(CLASSES) + predictions.numpy(), minlength=len(CLASSES) ** 2).reshape(len(CLASSES), -1)
+def gradcam(
+    model: nn.Module,
+    images: np.ndarray,
+    targets: Sequence[int],
+    layer: nn.Module,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+) -> np.ndarray:
+    """GradCAM heatmaps (N x H x W, 0..1) of `targets` classes at `layer`, with the grad-cam package, in fp32.
+
+    Always fp32 and outside autocast, whatever the training precision: grad-cam fails under bf16 autocast.
+    """
+    from pytorch_grad_cam import GradCAM  # noqa: PLC0415 - heavy (scikit-learn); only this function needs it
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: PLC0415
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        x = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device), mean, std).float()
+        with GradCAM(model=model.float().eval(), target_layers=[layer]) as cam:
+            return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    finally:
+        model.train(was_training)
 
 
-def plot_confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, path: str | Path | None = None) -> plt.Figure:
-    """Which classes are mistaken for which (cat <-> dog is the classic)."""
-    fig, ax = plt.subplots(figsize=(8, 6.5))
-    sns.heatmap(confusion_matrix(labels, predictions), annot=True, fmt="d", cmap="Blues", cbar=False,
-                xticklabels=CLASSES, yticklabels=CLASSES, ax=ax)  # fmt: skip
+def plot_gradcam(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: torch.Tensor,
+    predictions: torch.Tensor,
+    layer: nn.Module,
+    classes: Sequence[str] = CLASSES,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+    count: int = 10,
+    path: str | Path | None = None,
+) -> plt.Figure:
+    """Misclassified images beside the GradCAM of the predicted class: where the network looked when wrong."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: PLC0415
+
+    wrong = misclassified(labels, predictions, count)
+    heatmaps = gradcam(model, images[wrong], [int(predictions[i]) for i in wrong], layer, mean, std)
+    fig, axes = _grid(2 * max(len(wrong), 1), 4, cell=2.0)
+    for k, (i, heatmap) in enumerate(zip(wrong, heatmaps)):
+        image = images[i]
+        rgb = np.repeat(image, 3, -1) if image.shape[-1] == 1 else image
+        true, pred = _names([labels[i], predictions[i]], classes)
+        _show(axes.flat[2 * k], image)
+        axes.flat[2 * k].set_title(f"true: {true}", fontsize=9)
+        axes.flat[2 * k + 1].imshow(show_cam_on_image(rgb / 255.0, heatmap, use_rgb=True))
+        axes.flat[2 * k + 1].set_title(f"GradCAM of pred: {pred}", fontsize=9)
+    fig.suptitle(f"GradCAM of the predicted class on {len(wrong)} misclassified test images")
+    return save(fig, path)
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """len(classes) x len(classes) counts: row = true class, column = predicted class."""
+    n = len(classes)
+    _names([*labels.tolist(), *predictions.tolist()], classes)
+    return np.bincount(labels.numpy() * n + predictions.numpy(), minlength=n * n).reshape(n, n)
+
+
+def plot_confusion_matrix(
+    labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str] = CLASSES, path: str | Path | None = None
+) -> plt.Figure:
+    """Which classes are mistaken for which (numbers written in the cells for up to 20 classes)."""
+    size = min(20, 4 + 0.45 * len(classes))
+    fig, ax = plt.subplots(figsize=(size, size * 0.8))
+    sns.heatmap(
+        confusion_matrix(labels, predictions, classes),
+        annot=len(classes) <= 20,
+        fmt="d",
+        cmap="Blues",
+        cbar=len(classes) > 20,
+        xticklabels=classes,
+        yticklabels=classes,
+        ax=ax,
+    )
     ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix, test set")
     return save(fig, path)
 
 
-def per_class_accuracy(labels: torch.Tensor, predictions: torch.Tensor) -> dict[str, float]:
+def per_class_accuracy(
+    labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str] = CLASSES
+) -> dict[str, float]:
     """Accuracy % of each class: the average hides which classes are still hard."""
-    matrix = confusion_matrix(labels, predictions)
-    return {name: 100 * matrix[i, i] / max(1, matrix[i].sum()) for i, name in enumerate(CLASSES)}
+    matrix = confusion_matrix(labels, predictions, classes)
+    return {name: 100 * matrix[i, i] / max(1, matrix[i].sum()) for i, name in enumerate(classes)}
 
 
 def plot_per_class_accuracy(accuracy: dict[str, float], path: str | Path | None = None) -> plt.Figure:
     """Bar chart of per_class_accuracy, worst class first."""
     ranked = sorted(accuracy.items(), key=lambda kv: kv[1])
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(ranked)), 3.5))
     sns.barplot(x=[k for k, _ in ranked], y=[v for _, v in ranked], ax=ax, color="steelblue")
-    ax.bar_label(ax.containers[0], fmt="%.1f", fontsize=8)
+    if len(ranked) <= 20:
+        ax.bar_label(ax.containers[0], fmt="%.1f", fontsize=8)
     ax.set(ylabel="test accuracy %", ylim=(0, 105), title="Per-class test accuracy")
-    ax.tick_params(axis="x", rotation=30)
+    ax.tick_params(axis="x", rotation=30 if len(ranked) <= 20 else 90)
     return save(fig, path)
 
 
@@ -119,6 +253,8 @@ def hardware(device: torch.device) -> str:
     """What ran the numbers, e.g. 'NVIDIA H100 80GB HBM3' or 'CPU: Intel(R) Xeon(R) Processor, 2 cores'."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple GPU (mps), {platform.machine()}"
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

@@ -22,7 +22,7 @@ def small(cifar_root):
 def _fit(loaders, epochs=3, checkpoint=None, **kw):
     B.seed_everything(0)
     model = Net()
-    history = B.fit(model, *loaders, epochs, device=CPU, checkpoint=checkpoint, **kw)
+    history = B.fit(model, *loaders, epochs, device=CPU, checkpoint=checkpoint, **kw).history
     return model, history
 
 
@@ -57,7 +57,16 @@ def test_weight_decay_skips_batchnorm_and_biases():
 def test_training_lowers_the_loss(small):
     _, history = _fit(small(), epochs=4)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert set(history[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "train_seconds", "seconds"}
+    assert set(history[0]) == {
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "train_seconds",
+        "seconds",
+    }
 
 
 def test_the_test_set_never_changes_training(small, cifar_root):
@@ -87,7 +96,7 @@ def test_a_killed_and_resumed_run_matches_an_uninterrupted_one_bit_for_bit(small
 
     B.seed_everything(123)  # a fresh process would start from other RNG states: the checkpoint restores them
     resumed = Net()
-    resumed_history = B.fit(resumed, *small(), 3, device=CPU, checkpoint=tmp_path / "run.pt")
+    resumed_history = B.fit(resumed, *small(), 3, device=CPU, checkpoint=tmp_path / "run.pt").history
     assert all(torch.equal(x, y) for x, y in zip(straight.state_dict().values(), resumed.state_dict().values()))
     strip = lambda hs: [{k: v for k, v in h.items() if "seconds" not in k} for h in hs]  # noqa: E731
     assert strip(resumed_history) == strip(straight_history)
@@ -104,7 +113,7 @@ def test_saving_never_leaves_a_half_written_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
         B.save_checkpoint(path, value=2)
-    assert B.load_checkpoint(path)["value"] == 1
+    assert torch.load(path, weights_only=True)["value"] == 1
 
 
 def test_corrupt_checkpoint_gets_a_clear_error(small, tmp_path):
@@ -119,5 +128,5 @@ def test_mismatched_checkpoint_gets_a_clear_error(small, tmp_path):
     _fit(small(), epochs=1, checkpoint=path)
     with pytest.raises(B.CheckpointError, match="another run"):
         _fit(small(), epochs=2, checkpoint=path)
-    with pytest.raises(B.CheckpointError, match="another network"):
+    with pytest.raises(B.CheckpointError, match="another run.*network"):
         B.fit(Net(widths=(16, 32, 64, 64)), *small(), 1, device=CPU, checkpoint=path)

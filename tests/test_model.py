@@ -1,5 +1,8 @@
 """The assignment's architecture rules, each checked on the shipped Net itself."""
 
+import re
+
+import pytest
 import torch
 import torch.nn as nn
 
@@ -26,10 +29,6 @@ def test_blocks_shrink_the_map_with_dilated_kernels():
     assert len(shrinking) == 3 and all(c.dilation[0] > 1 for c in shrinking)
     sizes = [row.size_out for row in M.receptive_field(M.Net()) if row.layer.endswith(("c1.2.0", "c2.1.0", "c3.1.0"))]
     assert sizes == [24, 16, 8]
-
-
-def test_has_a_dilated_convolution():
-    assert any(conv.dilation[0] > 1 for conv in _convs(M.Net()))
 
 
 def test_has_a_depthwise_conv_feeding_a_pointwise_conv():
@@ -64,18 +63,18 @@ def test_under_200k_parameters():
     assert params < 200_000
 
 
-def test_wrong_input_gets_a_clear_error():
-    for bad in (torch.randn(2, 1, 32, 32), torch.randn(2, 32, 32, 3), torch.randn(2, 3, 16, 16)):
-        try:
-            M.Net()(bad)
-        except ValueError as err:
-            assert "N x 3 x H x W" in str(err) and str(tuple(bad.shape)) in str(err)
-        else:
-            raise AssertionError(f"{tuple(bad.shape)} was accepted")
+@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 32, 32, 3), (2, 3, 16, 16)])
+def test_wrong_input_gets_a_clear_error(shape):
+    with pytest.raises(
+        ValueError, match=re.escape(f"N x 3 x H x W with H, W >= 25 (CIFAR-10: N x 3 x 32 x 32), got {shape}")
+    ):
+        M.Net()(torch.randn(*shape))
 
 
 def test_receptive_field_formula_on_a_known_stack():
-    toy = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, dilation=2), nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 4, 3))
+    toy = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, dilation=2), nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 4, 3)
+    )
     rows = M.receptive_field(toy, (3, 32, 32))
     assert [r.rf_out for r in rows] == [3, 7, 9, 13]  # +2, +4, +2, then +2 x jump 2
     assert [r.jump_out for r in rows] == [1, 1, 2, 2]
@@ -109,7 +108,9 @@ def test_gradient_of_one_central_unit_covers_exactly_the_computed_receptive_fiel
 
 
 def test_macs_counter_matches_hand_count():
-    toy = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.Linear(8 * 32 * 32, 10))
+    toy = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.Linear(8 * 32 * 32, 10)
+    )
     expected = 32 * 32 * 8 * 3 * 9 + 32 * 32 * 8 * 1 * 9 + 8 * 32 * 32 * 10
     assert M.count_macs(toy) == expected
 
@@ -119,5 +120,9 @@ def test_summary_runs_on_a_cpu_model_and_keeps_batchnorm_statistics(capsys):
     before = net.c1[0][1].running_mean.clone()
     M.summary(net)
     out = capsys.readouterr().out
-    assert f"Total params: {M.count_parameters(net):,}" in out and "AdaptiveAvgPool2d" in out and "Multiply-accumulates" in out
+    assert (
+        f"Total params: {M.count_parameters(net):,}" in out
+        and "AdaptiveAvgPool2d" in out
+        and "Multiply-accumulates" in out
+    )
     assert torch.equal(before, net.c1[0][1].running_mean)

@@ -1,11 +1,13 @@
 """The headless command and the benchmark run end to end (quick mode: it proves the path, not accuracy)."""
 
+import dataclasses
 import json
 
 import torch
 
 from helpers import bench, train
 from helpers.model import Net
+from helpers.recipe import RECIPE
 
 
 def test_time_to_target_counts_training_seconds_until_the_first_epoch_at_85():
@@ -18,9 +20,13 @@ def test_quick_run_writes_logs_metrics_plots_and_loadable_weights(cifar_root, tm
     monkeypatch.setenv("CIFAR10_ROOT", str(cifar_root))
     assert train.main(["--quick", "--workers", "0", "--out", str(tmp_path)]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["config"]["quick"] and metrics["final_epoch"] == 1 and metrics["test_images"] == train.QUICK_TEST_IMAGES
+    assert (
+        metrics["config"]["quick"] and metrics["final_epoch"] == 1 and metrics["test_images"] == train.QUICK_TEST_IMAGES
+    )
     assert metrics["params"] < 200_000 and metrics["receptive_field"] > 44 and metrics["device"]
-    assert len(metrics["history"]) == 1 and 0 <= metrics["final_test_acc"] <= 100
+    # the record alone reruns the result: every field of the recipe, as run (quick: 1 epoch)
+    assert metrics["recipe"] == dataclasses.replace(RECIPE, epochs=1).record()
+    assert not (tmp_path / train.CHECKPOINT_NAME).exists(), "the default checkpoint is removed once results are written"
     for png in ("curves", "misclassified", "confusion_matrix", "per_class_accuracy"):
         assert (tmp_path / f"{png}.png").stat().st_size > 10_000
     log = (tmp_path / "training_logs.md").read_text()

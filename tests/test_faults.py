@@ -1,0 +1,206 @@
+"""Never lose a run, never publish garbage: one test per fault a user met (issue #10's table)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import backprop as B
+from helpers import dataset as ds
+from helpers import train
+from helpers.model import Net
+
+CPU = torch.device("cpu")
+QUICK = ["--quick", "--workers", "0"]
+
+
+@pytest.fixture
+def no_data_loading(monkeypatch):
+    """Any attempt to load data fails the test: settings must be refused before that."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("data was loaded before the settings were checked")
+
+    monkeypatch.setattr(train, "make_loaders", refuse)
+
+
+@pytest.fixture
+def cli(cifar_root, monkeypatch):
+    monkeypatch.setenv("CIFAR10_ROOT", str(cifar_root))
+    return train.main
+
+
+@pytest.mark.parametrize(
+    "flags, complaint",
+    [
+        (["--lr", "nan"], "--lr: .*finite"),
+        (["--lr", "-1"], "--lr: .*above 0"),
+        (["--epochs", "0"], "--epochs: .*at least 1"),
+        (["--epochs", "-1"], "--epochs: .*at least 1"),
+        (["--batch-size", "0"], "--batch-size: .*at least 1"),
+        (["--workers", "-1"], "--workers: .*0 or more"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_data_is_loaded(flags, complaint, no_data_loading, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(QUICK + flags)
+    assert exit_.value.code == 2
+    assert re.search(complaint, capsys.readouterr().err)
+
+
+def test_quick_with_epochs_runs_the_epochs_asked_for(cli, tmp_path):
+    assert cli(QUICK + ["--epochs", "2", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["final_epoch"] == 2
+
+
+def test_divergence_stops_training_and_writes_nothing(cli, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(QUICK + ["--lr", "1e6", "--batch-size", "64", "--epochs", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "NaN" in err and "step" in err and "lower" in err and "Traceback" not in err
+    assert not any(
+        (out / name).exists() for name in ("metrics.json", "s9_net.pt", "training_logs.md", train.CHECKPOINT_NAME)
+    )
+
+
+def test_fit_with_a_huge_learning_rate_raises_naming_epoch_step_and_lr(cifar_root, tmp_path):
+    loaders = ds.make_loaders(64, seed=0, num_workers=0, train_size=256, test_size=64, root=cifar_root)
+    with pytest.raises(B.DivergedError, match=r"epoch 1/2: .* at step \d+ of 4 \(lr [0-9.e+]+\)"):
+        B.fit(Net(), *loaders, 2, max_lr=1e6, device=CPU, checkpoint=tmp_path / "run.pt")
+    assert not (tmp_path / "run.pt").exists()
+
+
+def test_metrics_json_is_never_written_with_nan(tmp_path):
+    history = [
+        {
+            "epoch": 1,
+            "lr": 0.1,
+            "train_loss": float("nan"),
+            "train_acc": 10.0,
+            "test_loss": 2.3,
+            "test_acc": 10.0,
+            "train_seconds": 1.0,
+            "seconds": 1.0,
+        }
+    ]
+    result = B.FitResult(history, torch.zeros(4, 10), torch.zeros(4, dtype=torch.long))
+    config = train.RunConfig(results_dir=str(tmp_path), logs_path=str(tmp_path / "log.md"))
+    with pytest.raises(ValueError, match="JSON"):
+        train.write_results(Net(), result, config, CPU)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_nan_pixel_in_a_train_batch_stops_training(cifar_root):
+    images = torch.randn(128, 3, 32, 32)
+    images[37, 1, 5, 5] = float("nan")  # a float loader (train_transforms-style) passes it through
+    loader = DataLoader(TensorDataset(images, torch.randint(0, 10, (128,))), batch_size=32)
+    with pytest.raises(B.DivergedError, match="step 2 of 4"):
+        B.fit(Net(), loader, loader, 1, device=CPU)
+
+
+def _unwritable(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    return blocker / "results"  # cannot be created, even by root
+
+
+def test_an_unwritable_results_folder_is_refused_before_training(cli, tmp_path, capsys, no_data_loading):
+    out = _unwritable(tmp_path)
+    assert cli(QUICK + ["--out", str(out)]) == 2
+    assert f"cannot write to {out}" in capsys.readouterr().err
+
+
+def test_an_unwritable_checkpoint_folder_is_refused_before_training(cli, tmp_path, capsys, no_data_loading):
+    checkpoint = _unwritable(tmp_path) / "run.pt"
+    assert cli(QUICK + ["--out", str(tmp_path / "out"), "--checkpoint", str(checkpoint)]) == 2
+    assert f"cannot write to {checkpoint.parent}" in capsys.readouterr().err
+
+
+def test_resuming_with_another_seed_is_refused(cli, tmp_path, capsys):
+    checkpoint = tmp_path / "kept.pt"  # a checkpoint named by the user is kept after the run
+    assert cli(QUICK + ["--out", str(tmp_path / "a"), "--checkpoint", str(checkpoint)]) == 0
+    assert cli(QUICK + ["--out", str(tmp_path / "b"), "--checkpoint", str(checkpoint), "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "belongs to another run" in err and "seed" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "content, complaint",
+    [
+        (torch.zeros(3), "holds a Tensor, not a checkpoint"),
+        ({"model": {}, "epoch": 1}, "a dict without"),
+        (Net().state_dict(), "is a weights file"),
+    ],
+)
+def test_foreign_files_passed_as_checkpoints_say_what_they_are(cli, tmp_path, capsys, content, complaint):
+    path = tmp_path / "foreign.pt"
+    torch.save(content, path)
+    with pytest.raises(B.CheckpointError, match=complaint):
+        B.load_checkpoint(path)
+    assert cli(QUICK + ["--out", str(tmp_path / "out"), "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert complaint in err and "Traceback" not in err and err.count("\n") <= 2
+
+
+def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(cli, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = QUICK + ["--epochs", "2", "--out", str(out)]
+    real_train, calls = B.train, []
+
+    def interrupted_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(B, "train", interrupted_in_epoch_2)
+    assert cli(args) == 130
+    err = capsys.readouterr().err
+    assert "resume with" in err and f"python3 -m helpers.train --quick --workers 0 --epochs 2 --out {out}" in err
+    assert B.load_checkpoint(out / train.CHECKPOINT_NAME)["epoch"] == 1  # the default checkpoint kept epoch 1
+    monkeypatch.setattr(B, "train", real_train)
+    assert cli(args) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["final_epoch"] == 2
+    assert not (out / train.CHECKPOINT_NAME).exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_corrupt_data_file_is_named_as_corrupt(cifar_root, tmp_path, offline, damage):
+    copy = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(cifar_root / "cifar-10-batches-py", copy)
+    victim = copy / "data_batch_3"
+    raw = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[1000] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(ds.DatasetNotFoundError, match="corrupt: data_batch_3 failed the md5 check") as err:
+        ds.load_cifar10(True, tmp_path)
+    assert "unpack.py" in str(err.value)
+
+
+def test_a_second_run_into_the_same_results_folder_is_refused(cli, tmp_path, capsys, no_data_loading):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / train.LOCK_NAME).write_text(str(os.getppid()))  # a live process holds the folder
+    assert cli(QUICK + ["--out", str(out)]) == 2
+    assert "another run" in capsys.readouterr().err
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over(cli, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / train.LOCK_NAME).write_text(dead.stdout.strip())
+    assert cli(QUICK + ["--out", str(out)]) == 0
+    assert not (out / train.LOCK_NAME).exists()
+    assert np.isfinite(json.loads((out / "metrics.json").read_text())["final_test_loss"])
