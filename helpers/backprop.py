@@ -245,9 +245,14 @@ class LRRangeTest:
 
     @property
     def steepest(self) -> float:
-        """The lr where the smoothed loss falls fastest (per log-lr step): the usual one-cycle peak suggestion."""
-        slopes = np.gradient(np.array(self.losses), np.log(np.array(self.lrs)))
-        skip = max(1, len(slopes) // 10)  # the first steps are noise around the starting loss
+        """The lr where the smoothed loss falls fastest (per log-lr step), before its lowest point.
+
+        Past the lowest point the loss climbs and, for classification, often sinks again at absurd rates:
+        that descent is not learning, so it is not searched.
+        """
+        lowest = int(np.argmin(self.losses))
+        slopes = np.gradient(np.array(self.losses[: lowest + 1]), np.log(np.array(self.lrs[: lowest + 1])))
+        skip = min(lowest, max(1, len(self.losses) // 10))  # the first steps are noise around the starting loss
         return float(self.lrs[skip + int(np.argmin(slopes[skip:]))])
 
     @property
