@@ -87,9 +87,6 @@ class Precision:
         return f"{name}: {self.reason}"
 
 
-FP32 = Precision(None, "asked for full precision")
-
-
 def _cpu_has(check: str) -> bool:
     """torch.cpu's instruction-set checks (torch >= 2.3); False on builds that lack them."""
     probe = getattr(torch.cpu, check, None)
@@ -132,6 +129,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any | None = None) -> None:
+    """Backward and update; with fp16's GradScaler, scale the loss so small gradients survive, unscale to step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
 def train(
     model: nn.Module,
     loader: DataLoader,
@@ -140,7 +149,7 @@ def train(
     device: torch.device = CPU,
     dtype: torch.dtype | None = None,
     label_smoothing: float = 0.0,
-    scaler: torch.amp.GradScaler | None = None,
+    scaler: Any | None = None,
     desc: str = "train",
 ) -> tuple[float, float]:
     """One epoch of training; returns (mean loss, accuracy %). A scheduler, if given, steps every batch.
@@ -159,14 +168,7 @@ def train(
         with autocast(device, dtype):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:  # fp16: scale the loss so small gradients survive, unscale before the step
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        optimizer_step(loss, optimizer, scaler)
         lrs.append(optimizer.param_groups[0]["lr"])
         if scheduler is not None:
             scheduler.step()
@@ -257,7 +259,7 @@ class LRRangeTest:
 
     @property
     def minimum(self) -> float:
-        """The lr of the lowest smoothed loss; peaks are usually taken 3-10x below it."""
+        """The lr of the lowest smoothed loss: beyond it training diverges, so useful peaks lie at or below it."""
         return float(self.lrs[int(np.argmin(self.losses))])
 
 
@@ -299,11 +301,7 @@ def lr_range_test(
             group["lr"] = lr
         with autocast(device, precision.dtype):
             loss = F.cross_entropy(probe(model_input(images.to(device), loader)), labels.to(device))
-        opt.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        scaler.step(opt) if scaler else opt.step()
-        if scaler:
-            scaler.update()
+        optimizer_step(loss, opt, scaler)
         value = loss.item()
         if not math.isfinite(value):
             break
@@ -438,6 +436,8 @@ def fit(
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     device = device or pick_device()
     precision = precision or precision_policy(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # two batch shapes (full, last): autotune each once, then run the fastest
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if optimizer is None:
         optimizer = make_optimizer(model, max_lr)

@@ -26,6 +26,7 @@ from .backprop import (
     grad_scaler,
     make_optimizer,
     make_scheduler,
+    optimizer_step,
     pick_device,
     precision_policy,
     seed_everything,
@@ -89,9 +90,7 @@ def step_rate(
     def step() -> None:
         with autocast(device, dtype):
             loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(loss, optimizer)
 
     for _ in range(3):
         step()

@@ -310,8 +310,6 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: library errors become one message and exit code 2, Ctrl-C says how to resume."""
     config = parse_config(argv)
     own_checkpoint = config.checkpoint == str(Path(config.results_dir) / CHECKPOINT_NAME)
-    if Path(config.checkpoint).exists():
-        print(f"found {config.checkpoint}: resuming that run")
     try:
         m = run(config)
     except (DatasetNotFoundError, CheckpointError, DivergedError, SettingsError) as err:

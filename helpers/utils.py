@@ -38,8 +38,9 @@ def _grid(count: int, columns: int, cell: float = 1.5) -> tuple[plt.Figure, np.n
 
 
 def _show(ax: plt.Axes, image: np.ndarray) -> None:
-    """imshow for uint8 H x W x C images, grayscale (C = 1) included."""
-    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+    """imshow for uint8 H x W x C images, grayscale (C = 1) included; nearest: crisp pixels, small PNGs."""
+    gray = image.shape[-1] == 1
+    ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None, interpolation="nearest")
 
 
 def _names(labels: Sequence[int], classes: Sequence[str]) -> list[str]:
@@ -196,7 +197,7 @@ def plot_gradcam(
         true, pred = _names([labels[i], predictions[i]], classes)
         _show(axes.flat[2 * k], image)
         axes.flat[2 * k].set_title(f"true: {true}", fontsize=9)
-        axes.flat[2 * k + 1].imshow(show_cam_on_image(rgb / 255.0, heatmap, use_rgb=True))
+        axes.flat[2 * k + 1].imshow(show_cam_on_image(rgb / 255.0, heatmap, use_rgb=True), interpolation="nearest")
         axes.flat[2 * k + 1].set_title(f"GradCAM of pred: {pred}", fontsize=9)
     fig.suptitle(f"GradCAM of the predicted class on {len(wrong)} misclassified test images")
     return save(fig, path)

@@ -130,3 +130,12 @@ def test_mismatched_checkpoint_gets_a_clear_error(small, tmp_path):
         _fit(small(), epochs=2, checkpoint=path)
     with pytest.raises(B.CheckpointError, match="another run.*network"):
         B.fit(Net(widths=(16, 32, 64, 64)), *small(), 1, device=CPU, checkpoint=path)
+
+
+def test_lr_range_suggestion_ignores_the_dip_after_divergence():
+    # Shaped like the real curve on Net: a descent centred at 0.03, lowest near 0.17, a blow-up, then a fake dip.
+    lrs = np.geomspace(1e-4, 10, 100)
+    falling = 2.35 - 0.5 / (1 + np.exp(-3 * (np.log10(lrs) + 1.5)))
+    losses = np.where(lrs > 1, 3.0 - 0.5 * np.log10(lrs), falling + 2 * np.maximum(0, np.log10(lrs / 0.17)))
+    sweep = B.LRRangeTest(list(lrs), list(losses))
+    assert sweep.steepest == pytest.approx(0.03, rel=0.15) and sweep.minimum == pytest.approx(0.17, rel=0.1)
