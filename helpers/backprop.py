@@ -382,7 +382,8 @@ def run_signature(
         "batch_size": getattr(sampler, "batch_size", None),
         "seed": getattr(sampler, "seed", None),
         "augmentations": repr(getattr(train_loader.dataset, "transform", None)),
-        "optimizer": f"{type(optimizer).__name__}{optimizer.defaults}",
+        "optimizer": type(optimizer).__name__,  # and every hyperparameter of every group, as set at the start:
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
         "scheduler": type(scheduler).__name__ if scheduler is not None else None,
     }
 
@@ -423,6 +424,7 @@ def fit(
     precision: Precision | None = None,
     channels_last: bool = True,
     checkpoint: str | Path | None = None,
+    signature: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train for `epochs`, evaluating after each; returns the history and the final epoch's test predictions.
 
@@ -430,7 +432,9 @@ def fit(
     optimizer: an optimizer or a factory model -> optimizer (then max_lr is unused); scheduler: a
     scheduler or a factory (optimizer, total_steps) -> scheduler, stepped every batch, or None for a
     constant lr. precision: default precision_policy(device).
-    With `checkpoint`, the state is saved there after every epoch and a run finds it and resumes.
+    With `checkpoint`, the state is saved there after every epoch and a run finds it and resumes, but only a
+    run with the same network, data, augmentations, seed, optimizer and schedule, plus whatever `signature`
+    adds (train.run adds the whole recipe).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
@@ -446,15 +450,8 @@ def fit(
     if callable(scheduler):
         scheduler = scheduler(optimizer, epochs * len(train_loader))
     scaler = grad_scaler(device, precision)
-    run = run_signature(
-        model,
-        train_loader,
-        optimizer,
-        scheduler,
-        epochs=epochs,
-        label_smoothing=label_smoothing,
-        steps_per_epoch=len(train_loader),
-    )
+    settings = {**(signature or {}), "epochs": epochs, "label_smoothing": label_smoothing}
+    run = run_signature(model, train_loader, optimizer, scheduler, **settings, steps_per_epoch=len(train_loader))
     history: list[dict[str, float]] = []
     if checkpoint is not None and Path(checkpoint).exists():
         state = load_checkpoint(checkpoint)

@@ -26,8 +26,18 @@ import torch
 import torch.nn as nn
 
 from . import utils
-from .backprop import CheckpointError, DivergedError, FitResult, fit, pick_device, precision_policy, seed_everything
-from .dataset import DatasetNotFoundError, make_loaders
+from .backprop import (
+    CheckpointError,
+    DivergedError,
+    FitResult,
+    fit,
+    make_optimizer,
+    make_scheduler,
+    pick_device,
+    precision_policy,
+    seed_everything,
+)
+from .dataset import DatasetNotFoundError, augmentations, make_loaders
 from .model import Net, count_macs, count_parameters, format_receptive_field, receptive_field, total_receptive_field
 from .recipe import RECIPE, Recipe
 
@@ -230,7 +240,9 @@ def run(config: RunConfig) -> dict[str, Any]:
         seed_everything(r.seed)
         device = pick_device()
         train_size, test_size = config.sizes()
-        train_loader, test_loader = make_loaders(r.batch_size, r.seed, device, config.workers, train_size, test_size)
+        train_loader, test_loader = make_loaders(
+            r.batch_size, r.seed, device, config.workers, train_size, test_size, augment=augmentations(r)
+        )
         model = Net(r.widths)
         rf = total_receptive_field(model)
         print(f"Net: {count_parameters(model):,} parameters, receptive field {rf}, on {utils.hardware(device)}")
@@ -241,10 +253,12 @@ def run(config: RunConfig) -> dict[str, Any]:
             train_loader,
             test_loader,
             r.epochs,
-            r.max_lr,
+            optimizer=lambda m: make_optimizer(m, r.max_lr, r.weight_decay, r.momentum),
+            scheduler=lambda optimizer, steps: make_scheduler(optimizer, steps, r.warmup_fraction),
             label_smoothing=r.label_smoothing,
             device=device,
             checkpoint=config.checkpoint,
+            signature=r.record(),
         )
         save_plots(result, test_loader.dataset.images, config.results_dir)
         return write_results(model, result, config, device)

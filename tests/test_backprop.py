@@ -2,6 +2,7 @@
 
 import random
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
@@ -139,3 +140,15 @@ def test_lr_range_suggestion_ignores_the_dip_after_divergence():
     losses = np.where(lrs > 1, 3.0 - 0.5 * np.log10(lrs), falling + 2 * np.maximum(0, np.log10(lrs / 0.17)))
     sweep = B.LRRangeTest(list(lrs), list(losses))
     assert sweep.steepest == pytest.approx(0.03, rel=0.15) and sweep.minimum == pytest.approx(0.17, rel=0.1)
+
+
+def test_a_checkpoint_resumes_only_with_the_same_augmentations_and_optimizer(small, tmp_path, cifar_root):
+    path = tmp_path / "run.pt"
+    _fit(small(), epochs=1, checkpoint=path)
+    other_augment = make_loaders(
+        64, seed=0, num_workers=0, train_size=256, test_size=128, root=cifar_root, augment=[A.HorizontalFlip(p=1.0)]
+    )
+    with pytest.raises(B.CheckpointError, match="differs in: augmentations"):
+        _fit(other_augment, epochs=1, checkpoint=path)
+    with pytest.raises(B.CheckpointError, match="differs in: param_groups"):
+        _fit(small(), epochs=1, checkpoint=path, optimizer=lambda m: B.make_optimizer(m, weight_decay=1e-3))
