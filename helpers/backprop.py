@@ -335,13 +335,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, **state: Any) -> None:
-    """Write then rename: a crash mid-save leaves the previous checkpoint whole, never half a file."""
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """write(tmp_path) then rename: a crash leaves the old file or the new one, never half of one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(path: str | Path, **state: Any) -> None:
+    """Save atomically: a crash mid-save leaves the previous checkpoint whole, never half a file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "history", "run", "rng", "epoch"}

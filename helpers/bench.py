@@ -32,7 +32,7 @@ from .backprop import (
     seed_everything,
     train,
 )
-from .dataset import cifar10, default_workers, make_loaders, subset, train_transforms
+from .dataset import ImageData, cifar10, default_workers, make_loaders, subset, train_transforms
 from .model import Net
 from .recipe import RECIPE
 from .train import time_to_target
@@ -53,9 +53,8 @@ class NaiveCIFAR10(Dataset):
         return self.transform(image=self.images[i])["image"], self.labels[i]
 
 
-def naive_loader(batch_size: int, workers: int, device: torch.device, size: int | None) -> DataLoader:
+def naive_loader(data: ImageData, batch_size: int, workers: int, device: torch.device, size: int | None) -> DataLoader:
     """DataLoader over NaiveCIFAR10 with the usual shuffle/workers/pin_memory settings."""
-    data = cifar10()
     images, labels = subset(data.train_images, data.train_labels, size)
     return DataLoader(
         NaiveCIFAR10(images, labels),
@@ -168,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         print(lines[-1], flush=True)
 
     print("\n".join(lines), flush=True)
-    naive = naive_loader(a.batch_size, workers, device, size)
-    fast, test = make_loaders(a.batch_size, 0, device, workers, size, None if a.fit_epochs else 1000)
+    data = cifar10()  # loaded once for every loader below
+    naive = naive_loader(data, a.batch_size, workers, device, size)
+    fast, test = make_loaders(a.batch_size, 0, device, workers, size, None if a.fit_epochs else 1000, data=data)
     row(
         f"loader images/s ({batches} batches)",
         f"{loader_rate(naive, batches):,.0f}",
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         row(f"fit {a.fit_epochs} epochs: final test acc, time to 85%", *outcomes)
     for workers_now in a.compare_workers:
-        loader = make_loaders(a.batch_size, 0, device, workers_now, size, 1000)[0]
+        loader = make_loaders(a.batch_size, 0, device, workers_now, size, 1000, data=data)[0]
         row(
             f"one training epoch, s ({len(loader.dataset)} images), {workers_now} loader workers",
             "",

@@ -36,6 +36,7 @@ from .backprop import (
     pick_device,
     precision_policy,
     seed_everything,
+    write_atomically,
 )
 from .dataset import DatasetNotFoundError, augmentations, make_loaders
 from .model import Net, count_macs, count_parameters, format_receptive_field, receptive_field, total_receptive_field
@@ -78,13 +79,6 @@ def time_to_target(history: list[dict[str, float]], target: float = TARGET_ACCUR
     return None, None
 
 
-def _write_atomically(path: Path, write: Any) -> None:
-    """write(tmp_path) then rename: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_results(model: nn.Module, result: FitResult, config: RunConfig, device: torch.device) -> dict[str, Any]:
     """Save metrics.json, the weights and training_logs.md for a finished run; return the metrics."""
     results = Path(config.results_dir)
@@ -121,10 +115,10 @@ def write_results(model: nn.Module, result: FitResult, config: RunConfig, device
         "history": history,
     }
     text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"  # NaN is not JSON: refuse rather than write it
-    _write_atomically(results / "metrics.json", lambda p: p.write_text(text))
+    write_atomically(results / "metrics.json", lambda p: p.write_text(text))
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _write_atomically(results / "s9_net.pt", lambda p: torch.save(weights, p))
-    _write_atomically(Path(config.logs_path), lambda p: p.write_text(training_log(metrics)))
+    write_atomically(results / "s9_net.pt", lambda p: torch.save(weights, p))
+    write_atomically(Path(config.logs_path), lambda p: p.write_text(training_log(metrics)))
     return metrics
 
 
