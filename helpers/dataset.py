@@ -11,8 +11,6 @@ import functools
 import hashlib
 import os
 import random
-import subprocess
-import sys
 import urllib.error
 import warnings
 from collections.abc import Iterator, Sequence
@@ -42,10 +40,7 @@ def mean_pixel(mean: Sequence[float]) -> tuple[int, ...]:
 
 
 MEAN_PIXEL = mean_pixel(CIFAR10_MEAN)  # (125, 123, 114): CoarseDropout's and ShiftScaleRotate's fill
-
-
-# The course machines have no internet but keep an md5-checked copy beside the checkout: used when present.
-OFFLINE_COPY = Path(__file__).resolve().parents[2] / "shared" / "cifar10" / "unpack.py"
+CIFAR10_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"  # "CIFAR-10 python version": cifar-10-python.tar.gz
 
 
 class DatasetNotFoundError(RuntimeError):
@@ -125,13 +120,23 @@ def _corrupt_files(folder: Path) -> list[str]:
     ]
 
 
+def _how_to_get_cifar10(root: Path) -> str:
+    """What a student on a laptop or on Colab does when the data is missing or broken."""
+    return (
+        f"Fix one of:\n"
+        f"  - go online and rerun: it downloads the 170 MB archive once into {root};\n"
+        f"  - or download 'CIFAR-10 python version' (cifar-10-python.tar.gz) from {CIFAR10_PAGE}\n"
+        f"    and unpack it there: tar -xzf cifar-10-python.tar.gz -C {root}  (this makes {root}/cifar-10-batches-py/);\n"
+        f"  - or point CIFAR10_ROOT at the folder that already holds cifar-10-batches-py/:\n"
+        f"    export CIFAR10_ROOT=/path/to/folder  (Windows: set CIFAR10_ROOT=..., a notebook or Colab:\n"
+        f"    os.environ['CIFAR10_ROOT'] = '/content/drive/MyDrive/data' before the data cell)."
+    )
+
+
 def load_cifar10(train: bool, root: str | Path | None = None) -> torchvision.datasets.CIFAR10:
-    """The raw split (uint8 `.data` N x 32 x 32 x 3, `.targets`); downloads once when online."""
+    """The raw split (uint8 `.data` N x 32 x 32 x 3, `.targets`) from `root`/cifar-10-batches-py; downloads once."""
     root = Path(root) if root is not None else data_root()
     folder = root.resolve() / "cifar-10-batches-py"
-    if not (folder / "batches.meta").exists() and OFFLINE_COPY.exists():
-        print(f"unpacking the offline CIFAR-10 copy {OFFLINE_COPY.parent} into {folder}")
-        subprocess.run([sys.executable, str(OFFLINE_COPY), str(root)], check=True, stdout=subprocess.DEVNULL)
     try:
         # download=True verifies the md5 of a local copy and downloads only when it is missing or corrupt.
         return torchvision.datasets.CIFAR10(root=str(root), train=train, download=True)
@@ -140,14 +145,12 @@ def load_cifar10(train: bool, root: str | Path | None = None) -> torchvision.dat
         if corrupt:
             raise DatasetNotFoundError(
                 f"CIFAR-10 in {folder} is corrupt: {', '.join(corrupt)} failed the md5 check (truncated or "
-                f"changed). Fix: delete {folder} and unpack it again (python3 ../shared/cifar10/unpack.py {root}), "
-                "or rerun online to download it afresh."
+                f"changed), and a fresh copy could not be downloaded ({type(err).__name__}).\n"
+                f"Delete {folder}, then:\n{_how_to_get_cifar10(root.resolve())}"
             ) from err
         raise DatasetNotFoundError(
-            f"CIFAR-10 is not in {folder} and could not be downloaded "
-            f"({type(err).__name__}: {err}).\nFix one of: go online and rerun (it downloads 170 MB "
-            f"once); unpack an offline copy there (python3 ../shared/cifar10/unpack.py {root}); "
-            f"or set CIFAR10_ROOT to the folder that holds cifar-10-batches-py/."
+            f"CIFAR-10 is not in {folder} and could not be downloaded ({type(err).__name__}: {err}).\n"
+            f"{_how_to_get_cifar10(root.resolve())}"
         ) from err
 
 
@@ -231,18 +234,6 @@ def normalize(
     return ((images.float() - m) / s).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
-def model_input(images: torch.Tensor, loader: DataLoader | None = None) -> torch.Tensor:
-    """A loader batch as a network wants it: uint8 N x H x W x C is normalized, float N x C x H x W passes.
-
-    uint8 batches use the mean/std of the loader's ImageDataset (CIFAR-10's without one), so train/test
-    work with make_loaders' fast batches and with classic train_transforms() loaders alike.
-    """
-    if images.dtype != torch.uint8:
-        return images
-    dataset = getattr(loader, "dataset", None)
-    return normalize(images, getattr(dataset, "mean", CIFAR10_MEAN), getattr(dataset, "std", CIFAR10_STD))
-
-
 def denormalize(
     images: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
 ) -> torch.Tensor:
@@ -291,7 +282,7 @@ class SeededBatchSampler(Sampler[SeededBatch]):
 class ImageDataset(Dataset):
     """uint8 images through an optional albumentations pipeline, fetched a whole batch at a time.
 
-    Carries the mean/std that `model_input` normalizes its batches with, and the class names.
+    Carries the mean/std that `train`, `test` and `predict` normalize its batches with, and the class names.
     """
 
     def __init__(
@@ -332,9 +323,15 @@ def _already_batched(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Te
     return batch
 
 
-def default_workers() -> int:
-    """DataLoader workers: every core but one for the training loop (Colab: 2 CPUs -> 1 worker)."""
-    return max(1, min(16, (os.cpu_count() or 2) - 1))
+def default_workers(device: str | torch.device = "cpu") -> int:
+    """DataLoader workers per device: on a GPU every core loads, on the CPU one core is left for training.
+
+    On the CPU the main process computes, so a worker per core but one (on 2 cores a second worker was
+    slower, docs/speed.md). On a GPU the main process mostly waits, so every core loads (Colab's T4: 2);
+    this GPU default is reasoned, not yet measured: `python -m tools.bench` compares 1, 2 and all cores.
+    """
+    cores = os.cpu_count() or 2
+    return max(1, min(16, cores if torch.device(device).type == "cuda" else cores - 1))
 
 
 def subset(images: np.ndarray, labels: np.ndarray, size: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -365,7 +362,7 @@ def make_loaders(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     seed = torch.initial_seed() % 2**31 if seed is None else seed
-    num_workers = default_workers() if num_workers is None else num_workers
+    num_workers = default_workers(device) if num_workers is None else num_workers
     data = cifar10(root) if data is None else data
     if augment is None:
         augment = augmentations(fill=mean_pixel(data.mean))

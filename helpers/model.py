@@ -3,30 +3,34 @@
 Each block ends in a 3x3 convolution with dilation 4 and no padding: it looks 8 pixels across
 and cuts 8 pixels off the map (32 -> 24 -> 16 -> 8), doing a strided convolution's job (less
 compute per layer, faster growth of the receptive field) without skipping any pixel.
+`Net`'s keywords swap each technique for its classic alternative, for the ablation (docs/ablation.md).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torchsummary
-from torch.overrides import TorchFunctionMode
 
+from .dataset import CIFAR10_MEAN, CIFAR10_STD, CLASSES, check_images, normalize
+from .receptive_field import count_macs
 from .recipe import RECIPE
+
+DOWNSAMPLING = ("dilated", "stride", "maxpool")  # how C1..C3 shrink the map; only "dilated" keeps S9's rules
 
 
 class ConvBNReLU(nn.Sequential):
     """Dense 3x3 conv -> BatchNorm -> ReLU; padding=dilation keeps the size, padding=0 shrinks it."""
 
-    def __init__(self, c_in: int, c_out: int, dilation: int = 1, padding: int | None = None):
+    def __init__(self, c_in: int, c_out: int, dilation: int = 1, padding: int | None = None, stride: int = 1):
         padding = dilation if padding is None else padding
         super().__init__(
-            nn.Conv2d(c_in, c_out, 3, padding=padding, dilation=dilation, bias=False),  # BN has the bias
+            nn.Conv2d(c_in, c_out, 3, stride, padding, dilation, bias=False),  # BN has the bias
             nn.BatchNorm2d(c_out),
             nn.ReLU(inplace=True),
         )
@@ -35,10 +39,10 @@ class ConvBNReLU(nn.Sequential):
 class SeparableConv(nn.Sequential):
     """Depthwise 3x3 (one filter per channel) then pointwise 1x1: ~8x fewer weights than a dense 3x3."""
 
-    def __init__(self, c_in: int, c_out: int, dilation: int = 1, padding: int | None = None):
+    def __init__(self, c_in: int, c_out: int, dilation: int = 1, padding: int | None = None, stride: int = 1):
         padding = dilation if padding is None else padding
         super().__init__(
-            nn.Conv2d(c_in, c_in, 3, padding=padding, dilation=dilation, groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_in, 3, stride, padding, dilation, groups=c_in, bias=False),
             nn.Conv2d(c_in, c_out, 1, bias=False),  # no ReLU in between, as in Xception
             nn.BatchNorm2d(c_out),
             nn.ReLU(inplace=True),
@@ -57,33 +61,46 @@ class Residual(nn.Module):
 
 
 class Net(nn.Module):
-    """C1 C2 C3 C4 O for CIFAR-10; the defaults are the configuration we ship (under 200k weights)."""
+    """C1 C2 C3 C4 O for CIFAR-10; the defaults are the configuration we ship (under 200k weights).
 
-    def __init__(self, widths: tuple[int, int, int, int] = RECIPE.widths, num_classes: int = 10):
+    downsample: "dilated" (3x3, dilation 4, no padding: 32 -> 24 -> 16 -> 8), "stride" (3x3, stride 2)
+    or "maxpool" (3x3 then 2x2 max pooling), both 32 -> 16 -> 8 -> 4. separable=False makes C3/C4 dense;
+    residual=False drops the skip connections.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int] = RECIPE.widths,
+        num_classes: int = 10,
+        *,
+        downsample: str = "dilated",
+        separable: bool = True,
+        residual: bool = True,
+    ):
         super().__init__()
+        if downsample not in DOWNSAMPLING:
+            raise ValueError(f"downsample must be one of {DOWNSAMPLING}, got {downsample!r}")
         w1, w2, w3, w4 = widths
-        self.c1 = nn.Sequential(  # 32x32: few channels, dense convs see every colour together
-            ConvBNReLU(3, w1),
-            Residual(ConvBNReLU(w1, w1), ConvBNReLU(w1, w1)),
-            ConvBNReLU(w1, w2, dilation=4, padding=0),  # 32 -> 24
-        )
-        self.c2 = nn.Sequential(  # 24x24: still dense, the cheapest compute per accuracy at this width
-            Residual(ConvBNReLU(w2, w2), ConvBNReLU(w2, w2)),
-            ConvBNReLU(w2, w3, dilation=4, padding=0),  # 24 -> 16
-        )
-        self.c3 = nn.Sequential(  # 16x16: separable convs from here on, so width stays affordable
-            Residual(SeparableConv(w3, w3), SeparableConv(w3, w3)),
-            SeparableConv(w3, w4, dilation=4, padding=0),  # 16 -> 8
-        )
-        self.c4 = nn.Sequential(  # 8x8: dilation 2 widens the view to the whole image
-            Residual(SeparableConv(w4, w4, dilation=2), SeparableConv(w4, w4, dilation=2)),
-        )
+        deep = SeparableConv if separable else ConvBNReLU  # the layer type of C3 and C4
+
+        def pair(layer: type[nn.Module], width: int, dilation: int = 1) -> nn.Module:
+            layers = (layer(width, width, dilation), layer(width, width, dilation))
+            return Residual(*layers) if residual else nn.Sequential(*layers)
+
+        def shrink(layer: type[nn.Module], c_in: int, c_out: int) -> nn.Module:
+            if downsample == "stride":
+                return layer(c_in, c_out, stride=2)
+            if downsample == "maxpool":
+                return nn.Sequential(layer(c_in, c_out), nn.MaxPool2d(2))
+            return layer(c_in, c_out, dilation=4, padding=0)  # 8 pixels across, 8 pixels off the map
+
+        self.c1 = nn.Sequential(ConvBNReLU(3, w1), pair(ConvBNReLU, w1), shrink(ConvBNReLU, w1, w2))  # 32 -> 24
+        self.c2 = nn.Sequential(pair(ConvBNReLU, w2), shrink(ConvBNReLU, w2, w3))  # 24x24, still dense -> 16
+        self.c3 = nn.Sequential(pair(deep, w3), shrink(deep, w3, w4))  # 16x16: separable keeps width cheap -> 8
+        self.c4 = nn.Sequential(pair(deep, w4, dilation=2))  # 8x8: dilation 2 widens the view to the whole image
         self.output = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w4, num_classes))
-        self.min_size = 1 + sum(
-            m.dilation[0] * (m.kernel_size[0] - 1) - 2 * m.padding[0]
-            for m in self.modules()
-            if isinstance(m, nn.Conv2d)
-        )
+        trimmed = sum(m.dilation[0] * (m.kernel_size[0] - 1) - 2 * m.padding[0] for m in self.modules() if isinstance(m, nn.Conv2d))
+        self.min_size = 1 + trimmed if downsample == "dilated" else 8  # three halvings need 8 pixels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3 or min(x.shape[-2:]) < self.min_size:
@@ -100,173 +117,13 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-@dataclass
-class RFRow:
-    """One convolution or pooling of the receptive-field table, in the assignment's notation."""
+def summary(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> None:
+    """torchsummary's table, computed on a CPU copy (its default "cuda" fails elsewhere, and mps is unknown to it).
 
-    layer: str
-    kernel: int
-    dilation: int
-    stride: int
-    padding: int
-    size_in: int
-    size_out: int
-    rf_in: int
-    rf_out: int
-    jump_in: int
-    jump_out: int
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors inside an op's arguments (lists and tuples too: torch.cat takes a list)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
-def _pair(value: Any) -> int:
-    """First of an int-or-tuple geometry argument (the table assumes square kernels)."""
-    return value if isinstance(value, int) else value[0]
-
-
-def _conv_geometry(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: ANN001, ANN202
-    return weight.shape[-1], _pair(dilation), _pair(stride), padding if isinstance(padding, str) else _pair(padding)
-
-
-def _max_pool_geometry(input, kernel_size, stride=None, padding=0, dilation=1, *args, **kwargs):  # noqa: ANN001, ANN202
-    return _pair(kernel_size), _pair(dilation), _pair(stride or kernel_size), _pair(padding)
-
-
-def _avg_pool_geometry(input, kernel_size, stride=None, padding=0, *args, **kwargs):  # noqa: ANN001, ANN202
-    return _pair(kernel_size), 1, _pair(stride or kernel_size), _pair(padding)
-
-
-def _adaptive_pool_geometry(input, output_size, *args, **kwargs):  # noqa: ANN001, ANN202
-    size_in, size_out = input.shape[-1], _pair(output_size) or input.shape[-1]
-    return -(-size_in // size_out), 1, size_in // size_out, 0
-
-
-_GEOMETRY = {
-    "conv2d": _conv_geometry,
-    "max_pool2d": _max_pool_geometry,
-    "avg_pool2d": _avg_pool_geometry,
-    "adaptive_avg_pool2d": _adaptive_pool_geometry,
-    "adaptive_max_pool2d": _adaptive_pool_geometry,
-}
-
-
-class _ReceptiveFieldTracer(TorchFunctionMode):
-    """Follows every tensor forward makes and gives it (receptive field, jump) of its longest path.
-
-    Convolutions and poolings grow the field by dilation * (kernel - 1) * jump and multiply the jump
-    by the stride; every other op (add of a residual branch, concat, BatchNorm, ReLU) takes the
-    largest field among its inputs. So shortcuts, branches and functional pooling are all counted.
+    The copy also leaves the real BatchNorm statistics untouched by the summary's forward pass.
     """
-
-    def __init__(self, module_names: list[str]):
-        super().__init__()
-        self.fields: dict[int, tuple[int, int]] = {}
-        self.keep: list[torch.Tensor] = []  # holds every traced tensor, so no id() is ever reused
-        self.rows: list[RFRow] = []
-        self.module_names = module_names  # the stack of modules now running (innermost last)
-        self.last_map_rf = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = getattr(func, "__name__", "").lstrip("_")
-        traced = [self.fields[id(t)] for t in _tensors(args) + _tensors(list(kwargs.values())) if id(t) in self.fields]
-        rf, jump = max(traced, default=(1, 1))
-        if name in _GEOMETRY and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
-            x, y = args[0], out[0] if isinstance(out, tuple) else out
-            kernel, dilation, stride, padding = _GEOMETRY[name](*args, **kwargs)
-            rf_in, jump_in = self.fields.get(id(x), (1, 1))
-            rf, jump = rf_in + dilation * (kernel - 1) * jump_in, jump_in * stride
-            layer = self.module_names[-1] if self.module_names else f"F.{name}"
-            self.rows.append(
-                RFRow(layer, kernel, dilation, stride, padding, x.shape[-1], y.shape[-1], rf_in, rf, jump_in, jump)
-            )
-        for t in _tensors(out):
-            self.fields[id(t)] = (rf, jump)
-            self.keep.append(t)
-            if t.dim() == 4 and t.shape[-1] * t.shape[-2] > 1:
-                self.last_map_rf = rf  # the last spatial feature map forward produces
-        return out
-
-
-def _trace_receptive_field(model: nn.Module, input_size: tuple[int, int, int]) -> _ReceptiveFieldTracer:
-    """Run one forward pass of `model` under the tracer, naming every row by the module that ran it."""
-    stack: list[str] = []
-    hooks = []
-    for name, m in model.named_modules():
-        hooks.append(m.register_forward_pre_hook(lambda m, i, name=name: stack.append(name)))
-        hooks.append(m.register_forward_hook(lambda m, i, o: None if stack.pop() else None))  # None: keep the output
-    tracer = _ReceptiveFieldTracer(stack)
-    was_training = model.training
-    try:
-        model.eval()
-        p = next(model.parameters())
-        with torch.no_grad(), tracer:
-            model(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return tracer
-
-
-def receptive_field(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> list[RFRow]:
-    """The receptive-field table: every convolution and pooling forward runs, in order, with the
-    field of the longest path into it (rf_out = rf_in + dilation * (kernel - 1) * jump_in,
-    jump_out = jump_in * stride). Residual branches and shortcut convs are followed, not chained.
-    For Net the last row is the global average pool, whose kernel is the whole final map.
-    """
-    return _trace_receptive_field(model, input_size).rows
-
-
-def total_receptive_field(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> int:
-    """RF of one unit of the last spatial feature map (before GAP): the number the assignment asks > 44."""
-    return _trace_receptive_field(model, input_size).last_map_rf
-
-
-def format_receptive_field(rows: list[RFRow]) -> str:
-    """The RF table as aligned text, one layer per line, for the notebook and logs."""
-    head = f"{'layer':<16}{'k':>3}{'d':>3}{'s':>3}{'p':>3}" + "".join(
-        f"{h:>6}" for h in ("n_in", "n_out", "r_in", "r_out", "j_in", "j_out")
-    )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r.layer:<16}{r.kernel:>3}{r.dilation:>3}{r.stride:>3}{r.padding:>3}{r.size_in:>6}{r.size_out:>6}"
-            f"{r.rf_in:>6}{r.rf_out:>6}{r.jump_in:>6}{r.jump_out:>6}"
-        )
-    return "\n".join(lines)
-
-
-def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> int:
-    """Multiply-accumulates per image of every conv and linear layer (what the hardware pays)."""
-    total = 0
-
-    def count(m: nn.Module, inputs: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += y[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        else:
-            total += m.in_features * m.out_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    try:
-        p = next(model.parameters())
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return total
+    torchsummary.summary(copy.deepcopy(model).cpu().float(), input_size, device="cpu")
+    print(f"Multiply-accumulates per image: {count_macs(model, input_size) / 1e6:.1f} M")
 
 
 def load_model(path: str | Path = "Results/s9_net.pt", model: nn.Module | None = None) -> nn.Module:
@@ -284,10 +141,29 @@ def load_model(path: str | Path = "Results/s9_net.pt", model: nn.Module | None =
     return model.eval()
 
 
-def summary(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> None:
-    """torchsummary's table, computed on a CPU copy (its default "cuda" fails elsewhere, and mps is unknown to it).
+@torch.no_grad()
+def classify(
+    model: nn.Module,
+    image: np.ndarray | str | Path,
+    classes: Sequence[str] = CLASSES,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+) -> tuple[str, dict[str, float]]:
+    """One uint8 H x W x C image (or an image file) -> (predicted class, probability of each class).
 
-    The copy also leaves the real BatchNorm statistics untouched by the summary's forward pass.
+    Runs in eval mode (and restores the model's mode): BatchNorm must use its running statistics.
     """
-    torchsummary.summary(copy.deepcopy(model).cpu().float(), input_size, device="cpu")
-    print(f"Multiply-accumulates per image: {count_macs(model, input_size) / 1e6:.1f} M")
+    if isinstance(image, (str, Path)):
+        from PIL import Image  # torchvision's dependency; only needed for files
+
+        image = np.asarray(Image.open(image).convert("RGB" if len(mean) == 3 else "L"))
+        image = image[..., None] if image.ndim == 2 else image
+    check_images(image[None])
+    p = next(model.parameters())
+    was_training = model.training
+    try:
+        x = normalize(torch.tensor(image[None], device=p.device), mean, std).to(p.dtype)
+        probabilities = model.eval()(x).float().softmax(1)[0].cpu()
+    finally:
+        model.train(was_training)
+    return classes[int(probabilities.argmax())], {c: float(v) for c, v in zip(classes, probabilities)}

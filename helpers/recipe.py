@@ -44,3 +44,6 @@ RECIPE = Recipe()
 # The speed configuration: the shipped recipe on the shortest schedule tried that ended at >= 85% (seed 0, CPU):
 # 12 epochs ended at 84.82%, 15 at 85.30% (Results/speed_config.md); 13 and 14 are untried.
 SPEED_RECIPE = replace(RECIPE, epochs=15)
+
+TARGET_ACCURACY = 85.0  # the assignment's bar, on the plain (no TTA) final-epoch test accuracy
+QUICK_TRAIN_IMAGES, QUICK_TEST_IMAGES = 512, 256  # quick mode: a smoke test of the whole path, not a result

@@ -1,12 +1,10 @@
-"""Pictures and facts for the notebook and the logs: sample grids, curves, mistakes, GradCAM, hardware.
+"""Pictures for the notebook and the logs: sample grids, curves, LR range test, mistakes, GradCAM, confusion.
 
 Every plot takes the class names (CIFAR-10's by default) and says only what the caller's run is.
 """
 
 from __future__ import annotations
 
-import os
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import seaborn as sns
 import torch
 import torch.nn as nn
 
-from .backprop import LRRangeTest
+from .lr_finder import LRRangeTest
 from .dataset import CIFAR10_MEAN, CIFAR10_STD, CLASSES, normalize
 
 
@@ -56,6 +54,7 @@ def _names(labels: Sequence[int], classes: Sequence[str]) -> list[str]:
 def plot_samples(
     images: np.ndarray,
     labels: Sequence[int],
+    *,
     classes: Sequence[str] = CLASSES,
     count: int = 20,
     columns: int = 10,
@@ -73,6 +72,7 @@ def plot_samples(
 def plot_augmentations(
     images: np.ndarray,
     augment: A.BaseCompose | Sequence[A.BasicTransform],
+    *,
     draws: int = 7,
     path: str | Path | None = None,
 ) -> plt.Figure:
@@ -90,7 +90,7 @@ def plot_augmentations(
 
 
 def plot_history(
-    history: Sequence[dict[str, float]], target: float | None = None, path: str | Path | None = None
+    history: Sequence[dict[str, float]], *, target: float | None = None, path: str | Path | None = None
 ) -> plt.Figure:
     """Loss and accuracy per epoch, train beside test (the gap shows over- or under-fitting); `target` draws a bar."""
     epochs = [h["epoch"] for h in history]
@@ -109,7 +109,7 @@ def plot_history(
 
 
 def plot_lr_range_test(
-    result: LRRangeTest, chosen_lr: float | None = None, path: str | Path | None = None
+    result: LRRangeTest, *, chosen_lr: float | None = None, path: str | Path | None = None
 ) -> plt.Figure:
     """Smoothed loss against learning rate (log scale), with the steepest-descent suggestion and `chosen_lr`."""
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -132,6 +132,7 @@ def misclassified(labels: torch.Tensor, predictions: torch.Tensor, count: int) -
 def plot_misclassified(
     images: np.ndarray,
     labels: torch.Tensor,
+    *,
     predictions: torch.Tensor,
     classes: Sequence[str] = CLASSES,
     count: int = 20,
@@ -151,6 +152,7 @@ def plot_misclassified(
 def gradcam(
     model: nn.Module,
     images: np.ndarray,
+    *,
     targets: Sequence[int],
     layer: nn.Module,
     mean: Sequence[float] = CIFAR10_MEAN,
@@ -165,17 +167,31 @@ def gradcam(
 
     device = next(model.parameters()).device
     was_training = model.training
+    x = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device), mean, std).float()
+    # Not `with GradCAM(...)`: its __exit__ swallows an IndexError and the call then returns None.
+    cam = GradCAM(model=model.float().eval(), target_layers=[layer])
     try:
-        x = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device), mean, std).float()
-        with GradCAM(model=model.float().eval(), target_layers=[layer]) as cam:
-            return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+        return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    except IndexError as err:
+        raise ValueError(
+            f"GradCAM failed ({err}): every target class must be below the model's {num_outputs(model, x)} outputs, "
+            "and `layer` must be a module the forward pass runs (e.g. model.c4)"
+        ) from err
     finally:
+        cam.activations_and_grads.release()
         model.train(was_training)
+
+
+def num_outputs(model: nn.Module, x: torch.Tensor) -> int:
+    """How many class scores the model gives (for error messages)."""
+    with torch.no_grad():
+        return model(x[:1]).shape[-1]
 
 
 def plot_gradcam(
     model: nn.Module,
     images: np.ndarray,
+    *,
     labels: torch.Tensor,
     predictions: torch.Tensor,
     layer: nn.Module,
@@ -189,7 +205,9 @@ def plot_gradcam(
     from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: PLC0415
 
     wrong = misclassified(labels, predictions, count)
-    heatmaps = gradcam(model, images[wrong], [int(predictions[i]) for i in wrong], layer, mean, std)
+    heatmaps = gradcam(
+        model, images[wrong], targets=[int(predictions[i]) for i in wrong], layer=layer, mean=mean, std=std
+    )
     fig, axes = _grid(2 * max(len(wrong), 1), 4, cell=2.0)
     for k, (i, heatmap) in enumerate(zip(wrong, heatmaps)):
         image = images[i]
@@ -203,21 +221,22 @@ def plot_gradcam(
     return save(fig, path)
 
 
-def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str] = CLASSES) -> np.ndarray:
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, *, classes: Sequence[str] = CLASSES) -> np.ndarray:
     """len(classes) x len(classes) counts: row = true class, column = predicted class."""
     n = len(classes)
     _names([*labels.tolist(), *predictions.tolist()], classes)
-    return np.bincount(labels.numpy() * n + predictions.numpy(), minlength=n * n).reshape(n, n)
+    labels, predictions = labels.cpu().numpy(), predictions.cpu().numpy()  # CUDA tensors have no .numpy()
+    return np.bincount(labels * n + predictions, minlength=n * n).reshape(n, n)
 
 
 def plot_confusion_matrix(
-    labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str] = CLASSES, path: str | Path | None = None
+    labels: torch.Tensor, predictions: torch.Tensor, *, classes: Sequence[str] = CLASSES, path: str | Path | None = None
 ) -> plt.Figure:
     """Which classes are mistaken for which (numbers written in the cells for up to 20 classes)."""
     size = min(20, 4 + 0.45 * len(classes))
     fig, ax = plt.subplots(figsize=(size, size * 0.8))
     sns.heatmap(
-        confusion_matrix(labels, predictions, classes),
+        confusion_matrix(labels, predictions, classes=classes),
         annot=len(classes) <= 20,
         fmt="d",
         cmap="Blues",
@@ -231,14 +250,14 @@ def plot_confusion_matrix(
 
 
 def per_class_accuracy(
-    labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str] = CLASSES
+    labels: torch.Tensor, predictions: torch.Tensor, *, classes: Sequence[str] = CLASSES
 ) -> dict[str, float]:
     """Accuracy % of each class: the average hides which classes are still hard."""
-    matrix = confusion_matrix(labels, predictions, classes)
+    matrix = confusion_matrix(labels, predictions, classes=classes)
     return {name: 100 * matrix[i, i] / max(1, matrix[i].sum()) for i, name in enumerate(classes)}
 
 
-def plot_per_class_accuracy(accuracy: dict[str, float], path: str | Path | None = None) -> plt.Figure:
+def plot_per_class_accuracy(accuracy: dict[str, float], *, path: str | Path | None = None) -> plt.Figure:
     """Bar chart of per_class_accuracy, worst class first."""
     ranked = sorted(accuracy.items(), key=lambda kv: kv[1])
     fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(ranked)), 3.5))
@@ -248,18 +267,3 @@ def plot_per_class_accuracy(accuracy: dict[str, float], path: str | Path | None 
     ax.set(ylabel="test accuracy %", ylim=(0, 105), title="Per-class test accuracy")
     ax.tick_params(axis="x", rotation=30 if len(ranked) <= 20 else 90)
     return save(fig, path)
-
-
-def hardware(device: torch.device) -> str:
-    """What ran the numbers, e.g. 'NVIDIA H100 80GB HBM3' or 'CPU: Intel(R) Xeon(R) Processor, 2 cores'."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return f"Apple GPU (mps), {platform.machine()}"
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU: {model}, {os.cpu_count()} cores"

@@ -1,0 +1,128 @@
+"""Leslie Smith's LR range test, with torch-lr-finder's contract: your model, your optimizer, both restored.
+
+Give it the model and the optimizer instance you will train with (`torch.optim.Adam(model.parameters())`,
+as with torch-lr-finder), or a factory model -> optimizer. It trains that model with that optimizer while
+raising the learning rate exponentially every batch, records the smoothed loss, and afterwards puts the
+model, the optimizer and the RNGs back to their state before the test, bit for bit. Own code rather than
+torch-lr-finder itself: it reads this kit's uint8 batches and precision policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .backprop import make_optimizer, optimizer_step
+from .checkpoint import rng_state, set_rng_state
+from .dataset import normalize
+from .device import Precision, autocast, grad_scaler, pick_device, precision_policy
+
+
+@dataclass
+class LRRangeTest:
+    """Learning rates tried (exponentially increasing, one per batch) and the smoothed loss at each."""
+
+    lrs: list[float]
+    losses: list[float]
+
+    @property
+    def steepest(self) -> float:
+        """The lr where the smoothed loss falls fastest (per log-lr step), before its lowest point.
+
+        Past the lowest point the loss climbs and, for classification, often sinks again at absurd rates:
+        that descent is not learning, so it is not searched.
+        """
+        lowest = int(np.argmin(self.losses))
+        slopes = np.gradient(np.array(self.losses[: lowest + 1]), np.log(np.array(self.lrs[: lowest + 1])))
+        skip = min(lowest, max(1, len(self.losses) // 10))  # the first steps are noise around the starting loss
+        return float(self.lrs[skip + int(np.argmin(slopes[skip:]))])
+
+    @property
+    def minimum(self) -> float:
+        """The lr of the lowest smoothed loss: beyond it training diverges, so useful peaks lie at or below it."""
+        return float(self.lrs[int(np.argmin(self.losses))])
+
+
+def lr_range_test(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer | Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    *,
+    start_lr: float = 1e-4,
+    end_lr: float = 10.0,
+    steps: int = 100,
+    device: torch.device | None = None,
+    precision: Precision | None = None,
+    smoothing: float = 0.9,
+) -> LRRangeTest:
+    """Train `model` with `optimizer` (default: the recipe's SGD) at lrs rising from start_lr to end_lr.
+
+    Stops early once the smoothed loss exceeds 4x its best (divergence). Model, optimizer and RNGs are
+    restored afterwards, so the test leaves no trace on the run that follows.
+    """
+    device = device or pick_device()
+    precision = precision or precision_policy(device)
+    model.to(device, memory_format=torch.channels_last)
+    if optimizer is None or not hasattr(optimizer, "step"):
+        optimizer = make_optimizer(model, start_lr) if optimizer is None else optimizer(model)
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), rng_state()))
+    was_training = model.training
+    try:
+        return _sweep(model, loader, optimizer, start_lr, end_lr, steps, device, precision, smoothing)
+    finally:
+        model_state, optimizer_state, rngs = saved
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        set_rng_state(rngs)
+        model.train(was_training)
+
+
+def _sweep(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    start_lr: float,
+    end_lr: float,
+    steps: int,
+    device: torch.device,
+    precision: Precision,
+    smoothing: float,
+) -> LRRangeTest:
+    """The range test itself: one batch per lr, cycling the loader when it is shorter than `steps`."""
+    scaler = grad_scaler(device, precision)
+    mean, std = loader.dataset.mean, loader.dataset.std
+    gamma = (end_lr / start_lr) ** (1 / max(1, steps - 1))
+    lrs, losses, average, best = [], [], 0.0, math.inf
+    batches = iter(())
+    model.train()
+    for step in range(steps):
+        try:
+            images, labels = next(batches)
+        except StopIteration:  # small loaders are cycled
+            batches = iter(loader)
+            images, labels = next(batches)
+        lr = start_lr * gamma**step
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, precision.dtype):
+            loss = F.cross_entropy(model(normalize(images.to(device), mean, std)), labels.to(device))
+        optimizer_step(loss, optimizer, scaler)
+        value = loss.item()
+        if not math.isfinite(value):
+            break
+        average = smoothing * average + (1 - smoothing) * value
+        smoothed = average / (1 - smoothing ** (step + 1))  # bias-corrected running mean
+        lrs.append(lr)
+        losses.append(smoothed)
+        best = min(best, smoothed)
+        if smoothed > 4 * best:
+            break
+    return LRRangeTest(lrs, losses)

@@ -1,0 +1,183 @@
+"""Receptive field and multiply-accumulates of any CNN, read off one forward pass.
+
+The tracer follows every tensor the forward pass makes, so residual branches, shortcut convs,
+concatenations and functional pooling are counted as they really run, not as a chain of layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+
+@dataclass
+class RFRow:
+    """One convolution or pooling of the receptive-field table, in the assignment's notation."""
+
+    layer: str
+    kernel: int
+    dilation: int
+    stride: int
+    padding: int
+    size_in: int
+    size_out: int
+    rf_in: int
+    rf_out: int
+    jump_in: int
+    jump_out: int
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors inside an op's arguments (lists and tuples too: torch.cat takes a list)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _pair(value: Any) -> int:
+    """First of an int-or-tuple geometry argument (the table assumes square kernels)."""
+    return value if isinstance(value, int) else value[0]
+
+
+def _conv_geometry(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: ANN001, ANN202
+    return weight.shape[-1], _pair(dilation), _pair(stride), padding if isinstance(padding, str) else _pair(padding)
+
+
+def _max_pool_geometry(input, kernel_size, stride=None, padding=0, dilation=1, *args, **kwargs):  # noqa: ANN001, ANN202
+    return _pair(kernel_size), _pair(dilation), _pair(stride or kernel_size), _pair(padding)
+
+
+def _avg_pool_geometry(input, kernel_size, stride=None, padding=0, *args, **kwargs):  # noqa: ANN001, ANN202
+    return _pair(kernel_size), 1, _pair(stride or kernel_size), _pair(padding)
+
+
+def _adaptive_pool_geometry(input, output_size, *args, **kwargs):  # noqa: ANN001, ANN202
+    size_in, size_out = input.shape[-1], _pair(output_size) or input.shape[-1]
+    return -(-size_in // size_out), 1, size_in // size_out, 0
+
+
+_GEOMETRY = {
+    "conv2d": _conv_geometry,
+    "max_pool2d": _max_pool_geometry,
+    "avg_pool2d": _avg_pool_geometry,
+    "adaptive_avg_pool2d": _adaptive_pool_geometry,
+    "adaptive_max_pool2d": _adaptive_pool_geometry,
+}
+
+
+class _ReceptiveFieldTracer(TorchFunctionMode):
+    """Follows every tensor forward makes and gives it (receptive field, jump) of its longest path.
+
+    Convolutions and poolings grow the field by dilation * (kernel - 1) * jump and multiply the jump
+    by the stride; every other op (add of a residual branch, concat, BatchNorm, ReLU) takes the
+    largest field among its inputs. So shortcuts, branches and functional pooling are all counted.
+    """
+
+    def __init__(self, module_names: list[str]):
+        super().__init__()
+        self.fields: dict[int, tuple[int, int]] = {}
+        self.keep: list[torch.Tensor] = []  # holds every traced tensor, so no id() is ever reused
+        self.rows: list[RFRow] = []
+        self.module_names = module_names  # the stack of modules now running (innermost last)
+        self.last_map_rf = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "").lstrip("_")
+        traced = [self.fields[id(t)] for t in _tensors(args) + _tensors(list(kwargs.values())) if id(t) in self.fields]
+        rf, jump = max(traced, default=(1, 1))
+        if name in _GEOMETRY and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            x, y = args[0], out[0] if isinstance(out, tuple) else out
+            kernel, dilation, stride, padding = _GEOMETRY[name](*args, **kwargs)
+            rf_in, jump_in = self.fields.get(id(x), (1, 1))
+            rf, jump = rf_in + dilation * (kernel - 1) * jump_in, jump_in * stride
+            layer = self.module_names[-1] if self.module_names else f"F.{name}"
+            self.rows.append(
+                RFRow(layer, kernel, dilation, stride, padding, x.shape[-1], y.shape[-1], rf_in, rf, jump_in, jump)
+            )
+        for t in _tensors(out):
+            self.fields[id(t)] = (rf, jump)
+            self.keep.append(t)
+            if t.dim() == 4 and t.shape[-1] * t.shape[-2] > 1:
+                self.last_map_rf = rf  # the last spatial feature map forward produces
+        return out
+
+
+def _trace_receptive_field(model: nn.Module, input_size: tuple[int, int, int]) -> _ReceptiveFieldTracer:
+    """Run one forward pass of `model` under the tracer, naming every row by the module that ran it."""
+    stack: list[str] = []
+    hooks = []
+    for name, m in model.named_modules():
+        hooks.append(m.register_forward_pre_hook(lambda m, i, name=name: stack.append(name)))
+        hooks.append(m.register_forward_hook(lambda m, i, o: None if stack.pop() else None))  # None: keep the output
+    tracer = _ReceptiveFieldTracer(stack)
+    was_training = model.training
+    try:
+        model.eval()
+        p = next(model.parameters())
+        with torch.no_grad(), tracer:
+            model(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return tracer
+
+
+def receptive_field(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> list[RFRow]:
+    """The receptive-field table: every convolution and pooling forward runs, in order, with the
+    field of the longest path into it (rf_out = rf_in + dilation * (kernel - 1) * jump_in,
+    jump_out = jump_in * stride). Residual branches and shortcut convs are followed, not chained.
+    For Net the last row is the global average pool, whose kernel is the whole final map.
+    """
+    return _trace_receptive_field(model, input_size).rows
+
+
+def total_receptive_field(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> int:
+    """RF of one unit of the last spatial feature map (before GAP): the number the assignment asks > 44."""
+    return _trace_receptive_field(model, input_size).last_map_rf
+
+
+def format_receptive_field(rows: list[RFRow]) -> str:
+    """The RF table as aligned text, one layer per line, for the notebook and logs."""
+    head = f"{'layer':<16}{'k':>3}{'d':>3}{'s':>3}{'p':>3}" + "".join(
+        f"{h:>6}" for h in ("n_in", "n_out", "r_in", "r_out", "j_in", "j_out")
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.layer:<16}{r.kernel:>3}{r.dilation:>3}{r.stride:>3}{r.padding:>3}{r.size_in:>6}{r.size_out:>6}"
+            f"{r.rf_in:>6}{r.rf_out:>6}{r.jump_in:>6}{r.jump_out:>6}"
+        )
+    return "\n".join(lines)
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> int:
+    """Multiply-accumulates per image of every conv and linear layer (what the hardware pays)."""
+    total = 0
+
+    def count(m: nn.Module, inputs: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            total += y[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        else:
+            total += m.in_features * m.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        p = next(model.parameters())
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return total

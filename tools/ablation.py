@@ -1,0 +1,178 @@
+"""What each technique buys: `python -m tools.ablation` trains variants of the shipped configuration and
+writes one table and one picture (Results/ablation/: ablation.md, ablation.png); docs/ablation.md reads them.
+
+Every variant is the shipped recipe and Net with one change, made through the recipe's fields or Net's
+keywords (no copies of the network), trained on the same schedule, seeds and machine. Each finished run is
+saved at once (runs/<variant>-seed<k>.json) and each run checkpoints every epoch, so an interrupted table
+resumes where it stopped when the same command runs again. --quick: a few hundred images, one epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from helpers.backprop import fit, make_optimizer, make_scheduler, seed_everything  # noqa: E402
+from helpers.dataset import augmentations, cifar10, make_loaders  # noqa: E402
+from helpers.device import hardware, pick_device  # noqa: E402
+from helpers.model import Net, count_parameters  # noqa: E402
+from helpers.receptive_field import count_macs, total_receptive_field  # noqa: E402
+from helpers.recipe import QUICK_TEST_IMAGES, QUICK_TRAIN_IMAGES, RECIPE, Recipe  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One change to the shipped configuration: recipe fields, Net keywords, and the S9 rule it breaks."""
+
+    name: str
+    breaks: str
+    recipe: dict[str, Any] = field(default_factory=dict)
+    net: dict[str, Any] = field(default_factory=dict)
+
+
+NO_AUGMENTATION = {"flip_p": 0.0, "shift_scale_rotate_p": 0.0, "coarse_dropout_p": 0.0}
+VARIANTS = (
+    Variant("shipped", "none"),
+    Variant("stride-2 downsampling", "no stride > 1 (downsampling by dilated kernels)", net={"downsample": "stride"}),
+    Variant("max-pool downsampling", "no MaxPooling (downsampling by dilated kernels)", net={"downsample": "maxpool"}),
+    Variant("dense 3x3 in C3/C4", "depthwise-separable conv; < 200k parameters", net={"separable": False}),
+    Variant("no residual connections", "none", net={"residual": False}),
+    Variant("no augmentation", "the three albumentations transforms", recipe=NO_AUGMENTATION),
+    Variant("no HorizontalFlip", "HorizontalFlip", recipe={"flip_p": 0.0}),
+    Variant("no ShiftScaleRotate", "ShiftScaleRotate", recipe={"shift_scale_rotate_p": 0.0}),
+    Variant("no CoarseDropout", "CoarseDropout", recipe={"coarse_dropout_p": 0.0}),
+    Variant("no label smoothing", "none", recipe={"label_smoothing": 0.0}),
+)
+
+
+def slug(name: str) -> str:
+    """A file name for a variant."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def train_variant(variant: Variant, base: Recipe, seed: int, sizes: tuple, data: Any, runs: Path) -> dict[str, Any]:
+    """Train one variant for one seed (resuming its checkpoint if there is one) and return its row."""
+    recipe = replace(base, seed=seed, **variant.recipe)
+    seed_everything(seed)
+    device = pick_device()
+    loaders = make_loaders(recipe.batch_size, seed, device, None, *sizes, data=data, augment=augmentations(recipe))
+    model = Net(recipe.widths, **variant.net)
+    checkpoint = runs / f"{slug(variant.name)}-seed{seed}.pt"
+    result = fit(
+        model,
+        *loaders,
+        recipe.epochs,
+        optimizer=make_optimizer(model, lr=recipe.max_lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay),
+        scheduler=lambda optimizer, steps: make_scheduler(optimizer, steps, warmup_fraction=recipe.warmup_fraction),
+        label_smoothing=recipe.label_smoothing,
+        device=device,
+        checkpoint=checkpoint,
+        signature={"variant": variant.name, **recipe.record()},
+    )
+    row = {
+        "variant": variant.name,
+        "breaks": variant.breaks,
+        "seed": seed,
+        "test_acc": result.history[-1]["test_acc"],
+        "test_acc_tta": result.tta_accuracy,
+        "params": count_parameters(model),
+        "macs": count_macs(model),
+        "receptive_field": total_receptive_field(model),
+        "seconds_per_epoch": statistics.mean(h["train_seconds"] for h in result.history),
+        "epochs": recipe.epochs,
+        "train_images": result.train_images,
+        "test_images": len(result.labels),
+        "machine": f"{result.hardware} ({result.precision.split(':')[0]})",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (runs / f"{slug(variant.name)}-seed{seed}.json").write_text(json.dumps(row, indent=2, allow_nan=False) + "\n")
+    checkpoint.unlink(missing_ok=True)  # the row holds what the table needs
+    return row
+
+
+def table(rows: list[dict[str, Any]], quick: bool) -> str:
+    """The markdown table: one line per variant, accuracies averaged over its seeds."""
+    first = rows[0]
+    lines = [
+        "# Ablation: what each technique buys",
+        "",
+        f"{'QUICK path check, not a result. ' if quick else ''}Every variant: the shipped recipe with one change, "
+        f"{first['epochs']} epochs on {first['train_images']:,} train images, tested on {first['test_images']:,}; "
+        f"seeds {sorted({r['seed'] for r in rows})}; final epoch, never the best. {first['machine']}, {first['date']}.",
+        "",
+        "| variant | S9 rule it breaks | test acc % | flip TTA % | parameters | MACs / image | receptive field | s / epoch |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == name]
+        r = mine[0]
+        acc = statistics.mean(m["test_acc"] for m in mine)
+        tta = statistics.mean(m["test_acc_tta"] for m in mine)
+        seconds = statistics.mean(m["seconds_per_epoch"] for m in mine)
+        lines.append(
+            f"| {name} | {r['breaks']} | {acc:.2f} | {tta:.2f} | {r['params']:,} | {r['macs'] / 1e6:.1f} M | "
+            f"{r['receptive_field']} | {seconds:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def picture(rows: list[dict[str, Any]], path: Path) -> None:
+    """Test accuracy of each variant against the shipped one, as horizontal bars."""
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    accs = [statistics.mean(r["test_acc"] for r in rows if r["variant"] == n) for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(names) + 1.2))
+    ax.barh(names[::-1], accs[::-1], color=["tab:green" if n == "shipped" else "steelblue" for n in names[::-1]])
+    ax.bar_label(ax.containers[0], fmt="%.2f", fontsize=8)
+    ax.axvline(accs[0] if names[0] == "shipped" else 0, color="grey", linestyle=":")
+    ax.set(xlabel="final-epoch test accuracy %", xlim=(min(accs) - 5, max(accs) + 3), title="Ablation")
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(
+        prog="python -m tools.ablation", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--epochs", type=int, default=RECIPE.epochs, help="one schedule for every variant")
+    p.add_argument("--train-images", type=int, default=None, help="a seeded subset of the train split (default: all)")
+    p.add_argument("--batch-size", type=int, default=RECIPE.batch_size)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variants", nargs="+", default=[v.name for v in VARIANTS], choices=[v.name for v in VARIANTS])
+    p.add_argument("--out", default="Results/ablation", help="table, picture and the per-run records")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_TRAIN_IMAGES} / {QUICK_TEST_IMAGES} images, 1 epoch")
+    a = p.parse_args(argv)
+    base = replace(RECIPE, epochs=1 if a.quick else a.epochs, batch_size=a.batch_size)
+    sizes = (QUICK_TRAIN_IMAGES, QUICK_TEST_IMAGES) if a.quick else (a.train_images, None)
+    out, runs = Path(a.out), Path(a.out) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    data, rows = cifar10(), []
+    print(f"ablation on {hardware(pick_device())}: {len(a.variants)} variants x seeds {a.seeds} -> {out}/", flush=True)
+    for variant in (v for v in VARIANTS if v.name in a.variants):
+        for seed in a.seeds:
+            done = runs / f"{slug(variant.name)}-seed{seed}.json"
+            if done.exists():
+                rows.append(json.loads(done.read_text()))
+                print(f"== {variant.name}, seed {seed}: done before", flush=True)
+                continue
+            print(f"\n== {variant.name}, seed {seed}", flush=True)
+            rows.append(train_variant(variant, base, seed, sizes, data, runs))
+    (out / "ablation.md").write_text(table(rows, a.quick))
+    picture(rows, out / "ablation.png")
+    print("\n" + table(rows, a.quick), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Benchmark: `python -m tools.bench` measures the input pipeline and the training step on this machine.
+
+Side by side in one run: the naive loader (one albumentations call, Normalize, ToTensorV2 and a collate
+per image, as the seed solution did) against make_loaders (whole uint8 batches per worker, normalized on
+the device); one epoch with each; one epoch with 1, 2 and all cores as loader workers; and train-step
+throughput in fp32 and the policy's precision x contiguous/channels_last. On CUDA every timed part runs
+after a warm-up, with cudnn.benchmark as in real runs, between synchronizations; fp16 is timed with its
+GradScaler, as training runs it. Prints numbers; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from helpers.backprop import make_optimizer, optimizer_step, seed_everything
+from helpers.dataset import ImageData, cifar10, default_workers, make_loaders, normalize, subset, train_transforms
+from helpers.device import autocast, grad_scaler, hardware, pick_device, precision_policy, Precision
+from helpers.model import Net
+
+DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class NaiveCIFAR10(Dataset):
+    """The per-image loader this kit replaced: augment, Normalize and ToTensorV2 per image, default collate."""
+
+    def __init__(self, images: np.ndarray, labels: list[int], seed: int = 0):
+        self.images, self.labels, self.transform = images, labels, train_transforms(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(image=self.images[i])["image"], self.labels[i]
+
+
+def naive_loader(data: ImageData, batch_size: int, workers: int, device: torch.device, size: int | None) -> DataLoader:
+    """DataLoader over NaiveCIFAR10 with the usual shuffle/workers/pin_memory settings."""
+    images, labels = subset(data.train_images, data.train_labels, size)
+    return DataLoader(
+        NaiveCIFAR10(images, labels),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures the work and not its queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def loader_rate(loader: DataLoader, batches: int) -> float:
+    """Images/s a loader delivers (after one warm-up batch that pays for starting the workers)."""
+    it = iter(loader)
+    next(it)
+    seen, start = 0, time.perf_counter()
+    for _, (images, _) in zip(range(batches), it):
+        seen += len(images)
+    return seen / (time.perf_counter() - start)
+
+
+def trainer(device: torch.device, precision: Precision, channels_last: bool = True) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One training step of a fresh Net at `precision`, with the GradScaler fp16 needs, as fit runs it."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = Net().to(device, memory_format=fmt)
+    optimizer, scaler = make_optimizer(model, lr=0.01), grad_scaler(device, precision)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast(device, precision.dtype):
+            loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)), y)
+        optimizer_step(loss, optimizer, scaler)
+
+    return step
+
+
+def step_rate(device: torch.device, precision: Precision, channels_last: bool, batch_size: int, steps: int) -> float:
+    """Train-step images/s on a synthetic batch already on the device: the model's own speed limit."""
+    step = trainer(device, precision, channels_last)
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    for _ in range(3):  # warm-up: cuDNN autotuning, allocator, oneDNN primitives
+        step(x, y)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    synchronize(device)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def epoch_seconds(loader: DataLoader, device: torch.device, precision: Precision) -> float:
+    """Wall seconds of one training epoch over a loader (uint8 batches normalized on the device), after a warm-up."""
+    step = trainer(device, precision)
+
+    def to_input(images: torch.Tensor) -> torch.Tensor:
+        images = images.to(device, non_blocking=True)
+        return normalize(images) if images.dtype == torch.uint8 else images
+
+    images, labels = next(iter(loader))
+    step(to_input(images), labels.to(device))  # warm-up outside the timer
+    synchronize(device)
+    start = time.perf_counter()
+    for images, labels in loader:
+        step(to_input(images), labels.to(device, non_blocking=True))
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.bench", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: per device)")
+    p.add_argument("--loader-batches", type=int, default=None, help="batches timed per loader (default: 90 GPU, 10 CPU)")
+    p.add_argument("--steps", type=int, default=None, help="train steps timed per setting (default: 50 GPU, 3 CPU)")
+    p.add_argument("--epoch-images", type=int, default=None, help="images in a timed epoch (default: 50000 GPU, 5120 CPU)")
+    p.add_argument("--compare-workers", type=int, nargs="*", default=None, help="worker counts to time (default: 1, 2, all cores)")
+    p.add_argument("--out", default=None, help="also write the report to this markdown file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: prints a markdown report (and writes it with --out)."""
+    a = parser().parse_args(argv)
+    device, gpu = pick_device(), torch.cuda.is_available()
+    torch.backends.cudnn.benchmark = True  # as fit sets it on CUDA; no effect elsewhere
+    precision = precision_policy(device)
+    workers = default_workers(device) if a.workers is None else a.workers
+    batches, steps = a.loader_batches or (90 if gpu else 10), a.steps or (50 if gpu else 3)
+    size = a.epoch_images or (None if gpu else 5120)
+    compare = a.compare_workers if a.compare_workers is not None else sorted({1, 2, os.cpu_count() or 1})
+    seed_everything(0)
+    lines = [
+        f"# Benchmark: {hardware(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}",
+        "",
+        f"batch {a.batch_size}, {workers} loader workers, {precision}",
+        "",
+        "| measurement | naive per-image loader | make_loaders |",
+        "| --- | ---: | ---: |",
+    ]
+    print("\n".join(lines), flush=True)
+
+    def row(name: str, naive: str, fast: str) -> None:
+        lines.append(f"| {name} | {naive} | {fast} |")
+        print(lines[-1], flush=True)
+
+    data = cifar10()  # loaded once for every loader below
+    naive = naive_loader(data, a.batch_size, workers, device, size)
+    fast = make_loaders(a.batch_size, 0, device, workers, size, 1000, data=data)[0]
+    row(f"loader images/s ({batches} batches)", f"{loader_rate(naive, batches):,.0f}", f"{loader_rate(fast, batches):,.0f}")
+    row(
+        f"one training epoch, s ({len(naive.dataset)} images, {workers} workers)",
+        f"{epoch_seconds(naive, device, precision):.2f}",
+        f"{epoch_seconds(fast, device, precision):.2f}",
+    )
+    for count in compare:
+        loader = make_loaders(a.batch_size, 0, device, count, size, 1000, data=data)[0]
+        row(f"one training epoch, s, {count} loader workers", "", f"{epoch_seconds(loader, device, precision):.2f}")
+    for dtype in dict.fromkeys((None, precision.dtype)):
+        setting = Precision(dtype, "benchmark")
+        for channels_last in (False, True):
+            rate = step_rate(device, setting, channels_last, a.batch_size, steps)
+            scaler = " + GradScaler" if setting.scaled else ""
+            layout = "channels_last" if channels_last else "contiguous"
+            row(f"train step images/s, {DTYPE_NAMES[dtype]}{scaler}, {layout}", "", f"{rate:,.0f}")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
