@@ -106,17 +106,39 @@ def parser() -> argparse.ArgumentParser:
         "and downloaded there once when online. The notebook's quick switch is S9_QUICK=1; here it is --quick.",
     )
     p.add_argument("--recipe", choices=RECIPES, default="shipped", help="shipped or speed (default: %(default)s)")
-    p.add_argument("--epochs", type=_positive_int, default=None, help=f"default: the recipe's (shipped {RECIPE.epochs}, speed {SPEED_RECIPE.epochs}); 1 with --quick")
-    p.add_argument("--batch-size", type=_positive_int, default=RECIPE.batch_size, help="images per step (default: %(default)s)")
-    p.add_argument("--lr", type=_learning_rate, default=RECIPE.max_lr, help="peak learning rate of the one-cycle (default: %(default)s)")
-    p.add_argument("--seed", type=_non_negative_int, default=RECIPE.seed, help="seeds python, numpy, torch and the loaders (default: %(default)s)")
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help=f"default: the recipe's (shipped {RECIPE.epochs}, speed {SPEED_RECIPE.epochs}); 1 with --quick",
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=RECIPE.batch_size, help="images per step (default: %(default)s)"
+    )
+    p.add_argument(
+        "--lr",
+        type=_learning_rate,
+        default=RECIPE.max_lr,
+        help="peak learning rate of the one-cycle (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=RECIPE.seed,
+        help="seeds python, numpy, torch and the loaders (default: %(default)s)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
         help=f"{QUICK_TRAIN_IMAGES} train / {QUICK_TEST_IMAGES} test images, 1 epoch: checks the path in about a "
         "minute, proves nothing (default: off)",
     )
-    p.add_argument("--workers", type=_non_negative_int, default=None, help="loader workers (default: cores - 1 on the CPU, every core on a GPU)")
+    p.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=None,
+        help="loader workers (default: cores - 1 on the CPU, every core on a GPU)",
+    )
     p.add_argument("--out", default=None, help="results folder (default: Results, or Results/quick with --quick)")
     p.add_argument(
         "--checkpoint",
@@ -137,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     log = out / "training_logs.md" if a.quick or a.out else Path("training_logs.md")
     checkpoint = Path(a.checkpoint or out / CHECKPOINT_NAME)
     try:
-        m: dict[str, Any] = run(recipe, out, log, checkpoint, a.quick, a.workers, "python3 train.py " + shlex.join(argv))
+        m: dict[str, Any] = run(
+            recipe, out, log, checkpoint, a.quick, a.workers, "python3 train.py " + shlex.join(argv)
+        )
     except (DatasetNotFoundError, CheckpointError, DivergedError, SettingsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

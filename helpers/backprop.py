@@ -229,6 +229,17 @@ def check_loss_scale(scaler: Any | None, where: str) -> str:
     return f"  loss scale {scale:.3g}"
 
 
+def _build(
+    model: nn.Module, optimizer: OptimizerArg, scheduler: SchedulerArg, total_steps: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer and scheduler fit runs: instances as given, factories called, None for the recipe's SGD."""
+    if optimizer is None or not hasattr(optimizer, "step"):
+        optimizer = make_optimizer(model) if optimizer is None else optimizer(model)
+    if callable(scheduler) and not hasattr(scheduler, "step"):
+        scheduler = scheduler(optimizer, total_steps)
+    return optimizer, scheduler
+
+
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
@@ -260,10 +271,7 @@ def fit(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # four batch shapes (train/test, full/last): tuned once, then fastest
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    if optimizer is None or not hasattr(optimizer, "step"):  # None or a factory: build it for this model
-        optimizer = make_optimizer(model) if optimizer is None else optimizer(model)
-    if callable(scheduler) and not hasattr(scheduler, "step"):
-        scheduler = scheduler(optimizer, epochs * len(train_loader))
+    optimizer, scheduler = _build(model, optimizer, scheduler, epochs * len(train_loader))
     scaler = grad_scaler(device, precision)
     settings = {**(signature or {}), "epochs": epochs, "label_smoothing": label_smoothing}
     run = run_signature(model, train_loader, optimizer, scheduler, **settings, steps_per_epoch=len(train_loader))
@@ -271,35 +279,18 @@ def fit(
     if checkpoint is not None and Path(checkpoint).exists():
         history = resume_run(checkpoint, run, model, optimizer, scheduler, scaler)
         tqdm.write(f"resuming from epoch {len(history)} of {epochs} ({checkpoint})")
+    step_settings = {"device": device, "dtype": precision.dtype, "label_smoothing": label_smoothing, "scaler": scaler}
     for epoch in range(len(history) + 1, epochs + 1):
         train_loader.batch_sampler.set_epoch(epoch)  # batch order and augmentations: a function of (seed, epoch)
-        start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train(
-            model,
-            train_loader,
-            optimizer,
-            scheduler,
-            device=device,
-            dtype=precision.dtype,
-            label_smoothing=label_smoothing,
-            scaler=scaler,
-            desc=f"epoch {epoch}/{epochs}",
-        )
+        start, lr, desc = time.perf_counter(), optimizer.param_groups[0]["lr"], f"epoch {epoch}/{epochs}"
+        train_loss, train_acc = train(model, train_loader, optimizer, scheduler, **step_settings, desc=desc)
         train_seconds = time.perf_counter() - start
-        check_finite(model, f"epoch {epoch}")
-        scale = check_loss_scale(scaler, f"epoch {epoch}")
+        check_finite(model, desc)
+        scale = check_loss_scale(scaler, desc)
         test_loss, test_acc = test(model, test_loader, device=device, dtype=precision.dtype)
+        record = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss}
         history.append(
-            {
-                "epoch": epoch,
-                "lr": lr,  # the one the epoch began with
-                "train_loss": train_loss,
-                "train_acc": train_acc,
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "train_seconds": train_seconds,
-                "seconds": time.perf_counter() - start,
-            }
+            record | {"test_acc": test_acc, "train_seconds": train_seconds, "seconds": time.perf_counter() - start}
         )
         tqdm.write(
             f"epoch {epoch:>3}/{epochs}  lr {lr:.3g}  train {train_loss:.3f} / {train_acc:.2f}%  "

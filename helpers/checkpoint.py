@@ -139,7 +139,9 @@ def resume_run(
     state = load_checkpoint(path)
     if state["run"] != run:
         changed = sorted(k for k in run.keys() | state["run"].keys() if run.get(k) != state["run"].get(k))
-        raise CheckpointError(f"{path} belongs to another run (differs in: {', '.join(changed)}); delete it or match it.")
+        raise CheckpointError(
+            f"{path} belongs to another run (differs in: {', '.join(changed)}); delete it or match it."
+        )
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

@@ -99,7 +99,11 @@ class Net(nn.Module):
         self.c3 = nn.Sequential(pair(deep, w3), shrink(deep, w3, w4))  # 16x16: separable keeps width cheap -> 8
         self.c4 = nn.Sequential(pair(deep, w4, dilation=2))  # 8x8: dilation 2 widens the view to the whole image
         self.output = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w4, num_classes))
-        trimmed = sum(m.dilation[0] * (m.kernel_size[0] - 1) - 2 * m.padding[0] for m in self.modules() if isinstance(m, nn.Conv2d))
+        trimmed = sum(
+            m.dilation[0] * (m.kernel_size[0] - 1) - 2 * m.padding[0]
+            for m in self.modules()
+            if isinstance(m, nn.Conv2d)
+        )
         self.min_size = 1 + trimmed if downsample == "dilated" else 8  # three halvings need 8 pixels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +130,7 @@ def summary(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) ->
     print(f"Multiply-accumulates per image: {count_macs(model, input_size) / 1e6:.1f} M")
 
 
-def load_model(path: str | Path = "Results/s9_net.pt", model: nn.Module | None = None) -> nn.Module:
+def load_model(path: str | Path = "Results/s9_net.pt", *, model: nn.Module | None = None) -> nn.Module:
     """Weights saved by this kit (a state_dict) in `model` (default: the shipped Net), on the CPU, in eval mode.
 
     eval() matters: in train mode BatchNorm normalizes by the batch, and one image alone scores near chance.
@@ -145,6 +149,7 @@ def load_model(path: str | Path = "Results/s9_net.pt", model: nn.Module | None =
 def classify(
     model: nn.Module,
     image: np.ndarray | str | Path,
+    *,
     classes: Sequence[str] = CLASSES,
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,

@@ -135,6 +135,8 @@ def save_plots(result: FitResult, test_images: np.ndarray, folder: str | Path) -
         utils.plot_history(result.history, target=TARGET_ACCURACY, path=folder / "curves.png"),
         utils.plot_misclassified(test_images, labels, predictions=predictions, path=folder / "misclassified.png"),
         utils.plot_confusion_matrix(labels, predictions, path=folder / "confusion_matrix.png"),
-        utils.plot_per_class_accuracy(utils.per_class_accuracy(labels, predictions), path=folder / "per_class_accuracy.png"),
+        utils.plot_per_class_accuracy(
+            utils.per_class_accuracy(labels, predictions), path=folder / "per_class_accuracy.png"
+        ),
     ):
         plt.close(fig)

@@ -15,8 +15,8 @@ import seaborn as sns
 import torch
 import torch.nn as nn
 
-from .lr_finder import LRRangeTest
 from .dataset import CIFAR10_MEAN, CIFAR10_STD, CLASSES, normalize
+from .lr_finder import LRRangeTest
 
 
 def save(fig: plt.Figure, path: str | Path | None) -> plt.Figure:
@@ -221,7 +221,9 @@ def plot_gradcam(
     return save(fig, path)
 
 
-def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, *, classes: Sequence[str] = CLASSES) -> np.ndarray:
+def confusion_matrix(
+    labels: torch.Tensor, predictions: torch.Tensor, *, classes: Sequence[str] = CLASSES
+) -> np.ndarray:
     """len(classes) x len(classes) counts: row = true class, column = predicted class."""
     n = len(classes)
     _names([*labels.tolist(), *predictions.tolist()], classes)

@@ -16,14 +16,10 @@ os.environ.setdefault("CIFAR10_ROOT", str(ROOT / "data"))
 
 
 @pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No network and no offline copy: every download attempt fails as on a machine without internet."""
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: every download attempt fails as on a machine without internet."""
     import urllib.error
     import urllib.request
-
-    from helpers import dataset
-
-    monkeypatch.setattr(dataset, "OFFLINE_COPY", tmp_path / "no-offline-copy" / "unpack.py")
 
     def refuse(*args, **kwargs):
         raise urllib.error.URLError("no network")
@@ -33,7 +29,7 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
-    """The folder holding cifar-10-batches-py (load_cifar10 unpacks the offline copy there), or a skip saying why."""
+    """The folder holding cifar-10-batches-py ($CIFAR10_ROOT), or a skip saying why."""
     from helpers.dataset import DatasetNotFoundError, data_root, load_cifar10
 
     try:

@@ -1,4 +1,4 @@
-"""Training: it learns, it resumes bit for bit, it never looks at the test set, checkpoints are safe."""
+"""Training: it learns, it resumes bit for bit, it never looks at the test set, checkpoints are safe, flip TTA."""
 
 import random
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from helpers import backprop as B
-from helpers.dataset import make_loaders
+from helpers import checkpoint as C
+from helpers.dataset import make_loaders, normalize
+from helpers.lr_finder import LRRangeTest
 from helpers.model import Net
 
 CPU = torch.device("cpu")
@@ -93,7 +95,7 @@ def test_a_killed_and_resumed_run_matches_an_uninterrupted_one_bit_for_bit(small
     with pytest.raises(KeyboardInterrupt):
         _fit(small(), epochs=3, checkpoint=tmp_path / "run.pt")
     monkeypatch.setattr(B, "train", real_train)
-    assert B.load_checkpoint(tmp_path / "run.pt")["epoch"] == 2
+    assert C.load_checkpoint(tmp_path / "run.pt")["epoch"] == 2
 
     B.seed_everything(123)  # a fresh process would start from other RNG states: the checkpoint restores them
     resumed = Net()
@@ -105,7 +107,7 @@ def test_a_killed_and_resumed_run_matches_an_uninterrupted_one_bit_for_bit(small
 
 def test_saving_never_leaves_a_half_written_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    B.save_checkpoint(path, value=1)
+    C.save_checkpoint(path, value=1)
 
     def crash(obj, f, *args, **kwargs):
         open(f, "wb").write(b"half a fi")
@@ -113,23 +115,23 @@ def test_saving_never_leaves_a_half_written_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        B.save_checkpoint(path, value=2)
+        C.save_checkpoint(path, value=2)
     assert torch.load(path, weights_only=True)["value"] == 1
 
 
 def test_corrupt_checkpoint_gets_a_clear_error(small, tmp_path):
     path = tmp_path / "bad.pt"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(B.CheckpointError, match="delete it"):
+    with pytest.raises(C.CheckpointError, match="delete it"):
         _fit(small(), epochs=1, checkpoint=path)
 
 
 def test_mismatched_checkpoint_gets_a_clear_error(small, tmp_path):
     path = tmp_path / "run.pt"
     _fit(small(), epochs=1, checkpoint=path)
-    with pytest.raises(B.CheckpointError, match="another run"):
+    with pytest.raises(C.CheckpointError, match="another run"):
         _fit(small(), epochs=2, checkpoint=path)
-    with pytest.raises(B.CheckpointError, match="another run.*network"):
+    with pytest.raises(C.CheckpointError, match="another run.*network"):
         B.fit(Net(widths=(16, 32, 64, 64)), *small(), 1, device=CPU, checkpoint=path)
 
 
@@ -138,7 +140,7 @@ def test_lr_range_suggestion_ignores_the_dip_after_divergence():
     lrs = np.geomspace(1e-4, 10, 100)
     falling = 2.35 - 0.5 / (1 + np.exp(-3 * (np.log10(lrs) + 1.5)))
     losses = np.where(lrs > 1, 3.0 - 0.5 * np.log10(lrs), falling + 2 * np.maximum(0, np.log10(lrs / 0.17)))
-    sweep = B.LRRangeTest(list(lrs), list(losses))
+    sweep = LRRangeTest(list(lrs), list(losses))
     assert sweep.steepest == pytest.approx(0.03, rel=0.15) and sweep.minimum == pytest.approx(0.17, rel=0.1)
 
 
@@ -148,7 +150,27 @@ def test_a_checkpoint_resumes_only_with_the_same_augmentations_and_optimizer(sma
     other_augment = make_loaders(
         64, seed=0, num_workers=0, train_size=256, test_size=128, root=cifar_root, augment=[A.HorizontalFlip(p=1.0)]
     )
-    with pytest.raises(B.CheckpointError, match="differs in: augmentations"):
+    with pytest.raises(C.CheckpointError, match="differs in: augmentations"):
         _fit(other_augment, epochs=1, checkpoint=path)
-    with pytest.raises(B.CheckpointError, match="differs in: param_groups"):
+    with pytest.raises(C.CheckpointError, match="differs in: param_groups"):
         _fit(small(), epochs=1, checkpoint=path, optimizer=lambda m: B.make_optimizer(m, weight_decay=1e-3))
+
+
+def test_flip_tta_averages_the_softmax_of_each_image_and_its_mirror(small):
+    model, _ = _fit(small(), epochs=1)
+    test_loader = small()[1]
+    logits, labels = B.predict(model, test_loader, tta=True)
+    images = normalize(torch.from_numpy(test_loader.dataset.images), test_loader.dataset.mean, test_loader.dataset.std)
+    with torch.no_grad():
+        expected = (model(images).softmax(1) + model(images.flip(3)).softmax(1)) / 2
+    assert torch.allclose(logits.exp(), expected, atol=1e-5) and torch.equal(labels, test_loader.dataset.labels)
+    plain_loss, plain_acc = B.test(model, test_loader)
+    assert B.test(model, test_loader, tta=True) != (plain_loss, plain_acc)  # a different evaluation, reported beside
+
+
+def test_fit_reports_flip_tta_beside_the_plain_accuracy(small):
+    B.seed_everything(0)
+    result = B.fit(Net(), *small(), 1, device=CPU)
+    assert result.tta_accuracy == B.score(result.tta_logits, result.labels)[1]
+    assert result.history[-1]["test_acc"] == B.score(result.logits, result.labels)[1]
+    assert B.fit(Net(), *small(), 1, device=CPU, tta=False).tta_accuracy is None

@@ -136,12 +136,17 @@ def test_bad_images_get_clear_errors():
         ds.ImageDataset(np.zeros((4, 28, 28), np.uint8), [0] * 4)
 
 
-def test_missing_data_offline_says_where_it_looked_and_what_to_do(tmp_path, offline):
+def test_missing_data_offline_says_where_it_looked_and_how_a_student_gets_it(tmp_path, offline, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("CIFAR10_ROOT", str(empty))
     with pytest.raises(ds.DatasetNotFoundError) as err:
-        ds.load_cifar10(True, tmp_path / "nowhere")
+        ds.cifar10()  # reads CIFAR10_ROOT, and nothing outside it
     message = str(err.value)
-    assert str((tmp_path / "nowhere").resolve()) in message
-    assert "unpack.py" in message and "CIFAR10_ROOT" in message
+    assert f"{empty.resolve()}/cifar-10-batches-py" in message
+    assert "cifar-10-python.tar.gz" in message and ds.CIFAR10_PAGE in message and "tar -xzf" in message
+    assert "CIFAR10_ROOT" in message and "Colab" in message
+    assert "shared" not in message and "unpack.py" not in message
 
 
 def test_loaders_yield_uint8_batches_reproducibly_whatever_the_workers(cifar_root):

@@ -2,8 +2,8 @@
 
 import tarfile
 
-from helpers import evidence
 from helpers.recipe import RECIPE, SPEED_RECIPE
+from tools import evidence
 
 
 def test_speed_configuration_is_the_shipped_recipe_on_a_shorter_schedule():
@@ -21,7 +21,7 @@ def test_quick_evidence_runs_every_step_and_summarizes_three_seeds_each(cifar_ro
     assert folder.name.endswith("-quick")
     summary = (folder / "summary.md").read_text()
     assert "QUICK" in summary and "| shipped | 1 |" in summary and "| speed | 1 |" in summary
-    assert "S9.ipynb executed top to bottom" in summary
+    assert "each in its own process" in summary and "S9.ipynb executed top to bottom" in summary
     assert "| loader images/s" in (folder / "bench.md").read_text()
     for name in ("shipped", "speed"):
         assert sorted(p.name for p in (folder / name).iterdir()) == ["seed0", "seed1", "seed2"]

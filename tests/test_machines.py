@@ -1,17 +1,22 @@
 """Right on every machine: the precision policy row by row (hardware queries faked), the fp16 path for
-real, the device order, the albumentations update check, and the Colab setup cell."""
+real (overflowing first steps, a collapsing scale), the device order, loader workers per device, the
+albumentations update check, and both Colab routes of the setup cell."""
 
 import json
 import os
 import subprocess
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import backprop as B
-from helpers.dataset import make_loaders
+from helpers import device as D
+from helpers import utils
+from helpers.dataset import default_workers, make_loaders
 from helpers.model import Net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +39,7 @@ def _fake_cpu(monkeypatch, amx, avx512_bf16):
 )
 def test_gpus_with_bf16_tensor_cores_train_in_bf16(monkeypatch, name, capability):
     _fake_gpu(monkeypatch, name, capability)
-    precision = B.precision_policy(CUDA)
+    precision = D.precision_policy(CUDA)
     assert precision.dtype == torch.bfloat16 and not precision.scaled
     assert str(precision).startswith("bf16 autocast: ") and name in str(precision)
 
@@ -44,7 +49,7 @@ def test_t4_and_v100_train_in_fp16_with_a_grad_scaler(monkeypatch, name, capabil
     _fake_gpu(monkeypatch, name, capability)
     # the trap: torch.cuda.is_bf16_supported() says True on a T4 (emulation); the policy must not ask it
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    precision = B.precision_policy(CUDA)
+    precision = D.precision_policy(CUDA)
     assert precision.dtype == torch.float16 and precision.scaled
     major, minor = capability
     expected = (
@@ -55,7 +60,7 @@ def test_t4_and_v100_train_in_fp16_with_a_grad_scaler(monkeypatch, name, capabil
 
 def test_older_gpus_train_in_fp32(monkeypatch):
     _fake_gpu(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0))
-    assert B.precision_policy(CUDA).dtype is None
+    assert D.precision_policy(CUDA).dtype is None
 
 
 @pytest.mark.parametrize(
@@ -65,18 +70,18 @@ def test_cpus_use_bf16_only_with_bf16_units(monkeypatch, amx, avx512_bf16, expec
     _fake_cpu(monkeypatch, amx, avx512_bf16)
     # the trap: oneDNN says yes to plain AVX512 chips, where bf16 is emulated and slower than fp32
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
-    assert B.precision_policy(torch.device("cpu")).dtype == expected
+    assert D.precision_policy(torch.device("cpu")).dtype == expected
 
 
 def test_cpu_builds_without_the_instruction_checks_run_fp32(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
-    precision = B.precision_policy(torch.device("cpu"))
+    precision = D.precision_policy(torch.device("cpu"))
     assert precision.dtype is None and str(precision).startswith("fp32: ")
 
 
 def test_apple_gpus_train_in_fp32():
-    precision = B.precision_policy(torch.device("mps"))
+    precision = D.precision_policy(torch.device("mps"))
     assert precision.dtype is None and "Apple" in str(precision)
 
 
@@ -84,7 +89,7 @@ def test_apple_gpus_train_in_fp32():
 def test_device_order_is_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-    assert B.pick_device().type == expected
+    assert D.pick_device().type == expected
 
 
 def test_fp16_autocast_with_grad_scaler_trains_for_real(cifar_root, monkeypatch):
@@ -98,9 +103,11 @@ def test_fp16_autocast_with_grad_scaler_trains_for_real(cifar_root, monkeypatch)
     monkeypatch.setattr(torch.amp.GradScaler, "step", counted_step)
     B.seed_everything(0)
     loaders = make_loaders(64, seed=0, num_workers=0, train_size=256, test_size=64, root=cifar_root)
-    fp16 = B.Precision(torch.float16, "a T4, simulated on the CPU")
+    fp16 = D.Precision(torch.float16, "a T4, simulated on the CPU")
     narrow = Net(widths=(8, 8, 16, 16))  # CPUs emulate fp16 slowly: a narrow Net keeps this test short
-    history = B.fit(narrow, *loaders, 3, max_lr=0.05, device=torch.device("cpu"), precision=fp16).history
+    history = B.fit(
+        narrow, *loaders, 3, optimizer=B.make_optimizer(narrow, lr=0.05), device=torch.device("cpu"), precision=fp16
+    ).history
     assert len(steps) == 3 * 4, "every optimizer step goes through the scaler"
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
@@ -119,27 +126,125 @@ print(json.dumps({"calls": len(calls), "env": os.environ.get("NO_ALBUMENTATIONS_
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"calls": 0, "env": "1"}
 
 
-def test_the_colab_setup_cell_clones_the_repository_and_helpers_import(tmp_path):
-    clone = tmp_path / "origin"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+def _fp16_fit(cifar_root, monkeypatch, **scaler_settings):
+    """fit a narrow Net in fp16 on the CPU with a real GradScaler("cpu") built with `scaler_settings`."""
+    monkeypatch.setattr(B, "grad_scaler", lambda device, precision: torch.amp.GradScaler("cpu", **scaler_settings))
+    B.seed_everything(0)
+    loaders = make_loaders(64, seed=0, num_workers=0, train_size=256, test_size=64, root=cifar_root)
+    narrow = Net(widths=(8, 8, 16, 16))
+    optimizer = B.make_optimizer(narrow, lr=0.05)
+    scheduler = B.make_scheduler(optimizer, 3 * len(loaders[0]))
+    fp16 = D.Precision(torch.float16, "a T4, simulated on the CPU")
+    result = B.fit(
+        narrow, *loaders, 3, optimizer=optimizer, scheduler=scheduler, device=torch.device("cpu"), precision=fp16
+    )
+    return result, optimizer, scheduler
+
+
+def test_fp16_steps_skipped_for_overflow_do_not_advance_the_schedule_or_warn(cifar_root, monkeypatch, capsys):
+    steps_taken, real_step = [], torch.optim.SGD.step
+    monkeypatch.setattr(
+        torch.optim.SGD, "step", lambda self, *a, **k: steps_taken.append(1) or real_step(self, *a, **k)
+    )
+    # a scale of 2**40 overflows fp16 gradients: the first steps are skipped, each one dividing the scale by 256
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "lr_scheduler.step() before optimizer.step()" would fail here
+        result, optimizer, scheduler = _fp16_fit(cifar_root, monkeypatch, init_scale=2.0**40, backoff_factor=2.0**-8)
+    assert 8 <= len(steps_taken) < 12, "of 3 epochs x 4 batches, the first steps were skipped"
+    assert scheduler.last_epoch == len(steps_taken), "the schedule counts only the steps taken"
+    assert [h["lr"] for h in result.history][0] == pytest.approx(0.005)  # the warm-up starts at lr / 10
+    assert len(result.history) == 3, "skipped steps are not divergence"
+    assert "loss scale" in capsys.readouterr().out
+
+
+def test_a_collapsed_fp16_loss_scale_stops_training_with_a_clear_error(cifar_root, monkeypatch):
+    with pytest.raises(B.DivergedError, match="loss scale collapsed"):
+        _fp16_fit(cifar_root, monkeypatch, init_scale=2.0**40, backoff_factor=1e-30)
+
+
+def test_loader_workers_leave_a_core_for_cpu_training_and_use_every_core_for_a_gpu(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # Colab
+    assert (default_workers("cpu"), default_workers("cuda")) == (1, 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert (default_workers("cpu"), default_workers("cuda")) == (16, 16)
+
+
+class _CudaLike(torch.Tensor):
+    """A tensor that, like a CUDA one, refuses .numpy() until it is moved to the CPU."""
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
+
+    def cpu(self, *args, **kwargs):
+        return torch.Tensor(self.as_subclass(torch.Tensor))
+
+
+def test_confusion_matrix_takes_predictions_still_on_the_gpu():
+    labels = torch.tensor([0, 1, 2, 2]).as_subclass(_CudaLike)
+    predictions = torch.tensor([0, 2, 2, 2]).as_subclass(_CudaLike)
+    matrix = utils.confusion_matrix(labels, predictions, classes=("a", "b", "c"))
+    assert matrix.tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 2]]
+
+
+def _setup_cell() -> str:
     cells = json.loads((ROOT / "S9.ipynb").read_text())["cells"]
-    cell = next(c for c in cells if c["cell_type"] == "code" and "REPO_URL" in "".join(c["source"]))
-    source = "".join(cell["source"])
-    placeholder = 'REPO_URL = "https://github.com/<you>/S9.git"'
-    assert placeholder in source
+    return "".join(next(c for c in cells if c["cell_type"] == "code" and "REPO_URL" in "".join(c["source"]))["source"])
+
+
+def _run_in_fake_colab(cell: str, content, tmp_path, installed: str):
+    """Run the setup cell in a fresh Python whose google.colab is faked, from Colab's working folder.
+
+    pip is faked too (it records what the cell asks for) and the packages in `installed` look absent.
+    """
+    log = tmp_path / "pip.log"
     script = f"""
-import sys, types
+import importlib.metadata, subprocess, sys, types
 sys.modules["google"] = types.ModuleType("google")
 sys.modules["google.colab"] = types.ModuleType("google.colab")  # what Colab's runtime has imported
-{source.replace(placeholder, f"REPO_URL = {str(clone)!r}")}
+real_version, real_run = importlib.metadata.version, subprocess.run
+def version(name):
+    if name in {installed.split()!r}:
+        raise importlib.metadata.PackageNotFoundError(name)
+    return real_version(name)
+def run(command, *args, **kwargs):
+    if command[1:4] == ["-m", "pip", "install"]:
+        open({str(log)!r}, "a").write(" ".join(command[4:]) + "\\n")
+        return subprocess.CompletedProcess(command, 0)
+    return real_run(command, *args, **kwargs)
+importlib.metadata.version, subprocess.run = version, run
+{cell}
 import helpers.dataset, helpers.model
 print("imported from", helpers.__file__)
 """
-    content = tmp_path / "content"  # Colab's working folder
-    content.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run(
         [sys.executable, "-c", script], cwd=content, env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"imported from {content / 'S9' / 'helpers' / '__init__.py'}" in out.stdout
+    return out.stdout, log.read_text() if log.exists() else ""
+
+
+def test_the_colab_setup_cell_clones_the_repository_and_installs_what_is_missing(tmp_path):
+    clone = tmp_path / "origin"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    placeholder = 'REPO_URL = "https://github.com/<you>/S9.git"'
+    cell = _setup_cell()
+    assert placeholder in cell
+    content = tmp_path / "content"  # Colab's working folder
+    content.mkdir()
+    out, pip = _run_in_fake_colab(
+        cell.replace(placeholder, f"REPO_URL = {str(clone)!r}"), content, tmp_path, "grad-cam"
+    )
+    assert f"imported from {content / 'S9' / 'helpers' / '__init__.py'}" in out
+    assert pip.split() == ["-q", "grad-cam==1.5.7"], "only what is missing (Colab has no grad-cam) is installed"
+
+
+def test_the_colab_setup_cell_unzips_an_uploaded_helpers_zip_and_installs_what_is_missing(tmp_path):
+    content = tmp_path / "content"
+    content.mkdir()
+    with zipfile.ZipFile(content / "helpers.zip", "w") as archive:  # what Compress / Send to zip makes
+        for path in (ROOT / "helpers").glob("*.py"):
+            archive.write(path, f"helpers/{path.name}")
+    out, pip = _run_in_fake_colab(_setup_cell(), content, tmp_path, "grad-cam torchsummary")
+    assert f"imported from {content / 'helpers' / '__init__.py'}" in out
+    assert sorted(pip.split()) == ["-q", "grad-cam==1.5.7", "torchsummary==1.5.1"]

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from helpers import model as M
+from helpers import receptive_field as RF
 
 
 def _convs(net: nn.Module) -> list[nn.Conv2d]:
@@ -27,7 +28,7 @@ def test_no_pooling_but_global_average_and_no_stride_anywhere():
 def test_blocks_shrink_the_map_with_dilated_kernels():
     shrinking = [c for c in _convs(M.Net()) if c.padding == (0, 0) and c.kernel_size == (3, 3)]
     assert len(shrinking) == 3 and all(c.dilation[0] > 1 for c in shrinking)
-    sizes = [row.size_out for row in M.receptive_field(M.Net()) if row.layer.endswith(("c1.2.0", "c2.1.0", "c3.1.0"))]
+    sizes = [row.size_out for row in RF.receptive_field(M.Net()) if row.layer.endswith(("c1.2.0", "c2.1.0", "c3.1.0"))]
     assert sizes == [24, 16, 8]
 
 
@@ -75,7 +76,7 @@ def test_receptive_field_formula_on_a_known_stack():
     toy = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, dilation=2), nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 4, 3)
     )
-    rows = M.receptive_field(toy, (3, 32, 32))
+    rows = RF.receptive_field(toy, (3, 32, 32))
     assert [r.rf_out for r in rows] == [3, 7, 9, 13]  # +2, +4, +2, then +2 x jump 2
     assert [r.jump_out for r in rows] == [1, 1, 2, 2]
     assert [r.size_out for r in rows] == [30, 26, 12, 10]
@@ -83,17 +84,17 @@ def test_receptive_field_formula_on_a_known_stack():
 
 def test_receptive_field_table_follows_forward_order_and_exceeds_44():
     net = M.Net()
-    rows = M.receptive_field(net)
+    rows = RF.receptive_field(net)
     conv_names = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
     assert [r.layer for r in rows] == conv_names + ["output.0"]
-    assert M.total_receptive_field(net) > 44
-    assert M.format_receptive_field(rows).count("\n") == len(rows) + 1
+    assert RF.total_receptive_field(net) > 44
+    assert RF.format_receptive_field(rows).count("\n") == len(rows) + 1
 
 
 def test_gradient_of_one_central_unit_covers_exactly_the_computed_receptive_field():
     torch.manual_seed(0)
     net = M.Net().eval()
-    rf = M.total_receptive_field(net)
+    rf = RF.total_receptive_field(net)
     grad = torch.zeros(128, 128)
     for _ in range(4):  # several random inputs, so ReLU zeros cannot hide a pixel
         x = torch.randn(1, 3, 128, 128, requires_grad=True)
@@ -112,7 +113,7 @@ def test_macs_counter_matches_hand_count():
         nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.Linear(8 * 32 * 32, 10)
     )
     expected = 32 * 32 * 8 * 3 * 9 + 32 * 32 * 8 * 1 * 9 + 8 * 32 * 32 * 10
-    assert M.count_macs(toy) == expected
+    assert RF.count_macs(toy) == expected
 
 
 def test_summary_runs_on_a_cpu_model_and_keeps_batchnorm_statistics(capsys):

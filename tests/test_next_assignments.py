@@ -16,7 +16,9 @@ from PIL import Image
 from helpers import backprop as B
 from helpers import dataset as ds
 from helpers import model as M
+from helpers import receptive_field as RF
 from helpers import utils
+from helpers.lr_finder import lr_range_test
 
 CPU = torch.device("cpu")
 
@@ -110,9 +112,9 @@ def test_s10_custom_resnet_with_adam_and_one_cycle_at_the_range_test_peak(cifar_
     torch.manual_seed(0)
     model = CustomResNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-4)  # noqa: E731
-    sweep = B.lr_range_test(model, train_loader, adam, start_lr=1e-5, end_lr=1.0, steps=16, device=CPU)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the range test trains a copy"
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)  # what S10 students write
+    sweep = lr_range_test(model, train_loader, adam, start_lr=1e-5, end_lr=1.0, steps=16, device=CPU)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the range test restores the model"
     assert len(sweep.lrs) == len(sweep.losses) > 5 and sweep.lrs == sorted(sweep.lrs)
     peak = sweep.steepest
     assert sweep.lrs[0] < peak < sweep.lrs[-1]
@@ -144,7 +146,7 @@ def test_train_runs_without_a_scheduler_and_without_label_smoothing_by_default(c
     loss, _ = B.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.0), device=CPU)  # lr 0: weights stay
     images, labels = next(iter(loader))  # the same (seed, epoch): the same augmented batch
     with torch.no_grad():
-        logits = model.train()(ds.model_input(images, loader))
+        logits = model.train()(ds.normalize(images, loader.dataset.mean, loader.dataset.std))
     assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-4)
     assert loss != pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-4)
 
@@ -153,18 +155,35 @@ def test_resnet18_gradcam_gallery_on_misclassified_images_even_after_bf16_predic
     _, test_loader = ds.make_loaders(16, seed=0, num_workers=0, train_size=64, test_size=16, root=cifar_root)
     torch.manual_seed(0)
     model = ResNet18()
-    logits, labels = B.predict(model, test_loader, CPU, torch.bfloat16)  # how predict runs on bf16 hardware
+    logits, labels = B.predict(
+        model, test_loader, device=CPU, dtype=torch.bfloat16
+    )  # how predict runs on bf16 hardware
     predictions = logits.argmax(1)
     wrong = utils.misclassified(labels, predictions, 4)
     assert len(wrong) == 4  # an untrained network is wrong on most images
     images = test_loader.dataset.images
-    heatmaps = utils.gradcam(model, images[wrong], predictions[wrong].tolist(), model.layer4[-1])
+    heatmaps = utils.gradcam(model, images[wrong], targets=predictions[wrong].tolist(), layer=model.layer4[-1])
     assert heatmaps.shape == (4, 32, 32) and heatmaps.min() >= 0 and heatmaps.max() <= 1 and heatmaps.max() > 0
-    fig = utils.plot_gradcam(model, images, labels, predictions, model.layer4[-1], count=4, path=tmp_path / "cam.png")
+    fig = utils.plot_gradcam(
+        model,
+        images,
+        labels=labels,
+        predictions=predictions,
+        layer=model.layer4[-1],
+        count=4,
+        path=tmp_path / "cam.png",
+    )
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert len(titles) == 8 and sum(t.startswith("GradCAM of pred: ") for t in titles) == 4
     assert (tmp_path / "cam.png").stat().st_size > 10_000
     plt.close(fig)
+
+
+def test_gradcam_of_a_class_the_model_does_not_have_fails_with_a_clear_message(cifar_root):
+    images = ds.load_cifar10(False, cifar_root).data[:2]
+    model = M.Net()
+    with pytest.raises(ValueError, match="below the model's 10 outputs"):
+        utils.gradcam(model, images, targets=[3, 10], layer=model.c4)  # grad-cam would swallow the IndexError
 
 
 def test_a_100_class_40x40_array_dataset_through_loaders_fit_confusion_matrix_and_plots(tmp_path):
@@ -183,15 +202,17 @@ def test_a_100_class_40x40_array_dataset_through_loaders_fit_confusion_matrix_an
     assert images.shape == (100, 40, 40, 3) and train_loader.dataset.classes == classes
     model = M.Net(num_classes=100)
     result = B.fit(model, train_loader, test_loader, 1, device=CPU)
-    matrix = utils.confusion_matrix(result.labels, result.predictions, classes)
+    matrix = utils.confusion_matrix(result.labels, result.predictions, classes=classes)
     assert matrix.shape == (100, 100) and matrix.sum() == 100
     texts = []
     for fig in (
-        utils.plot_samples(data.train_images, data.train_labels, classes),
+        utils.plot_samples(data.train_images, data.train_labels, classes=classes),
         utils.plot_history(result.history),
-        utils.plot_misclassified(test_loader.dataset.images, result.labels, result.predictions, classes),
-        utils.plot_confusion_matrix(result.labels, result.predictions, classes),
-        utils.plot_per_class_accuracy(utils.per_class_accuracy(result.labels, result.predictions, classes)),
+        utils.plot_misclassified(
+            test_loader.dataset.images, result.labels, predictions=result.predictions, classes=classes
+        ),
+        utils.plot_confusion_matrix(result.labels, result.predictions, classes=classes),
+        utils.plot_per_class_accuracy(utils.per_class_accuracy(result.labels, result.predictions, classes=classes)),
     ):
         texts += [t.get_text() for t in fig.findobj(plt.Text)]
         plt.close(fig)
@@ -199,7 +220,7 @@ def test_a_100_class_40x40_array_dataset_through_loaders_fit_confusion_matrix_an
         "a plot speaks of S9's run"
     )
     with pytest.raises(ValueError, match="only 10 class names"):
-        utils.confusion_matrix(result.labels, result.predictions, ds.CLASSES)
+        utils.confusion_matrix(result.labels, result.predictions, classes=ds.CLASSES)
 
 
 def test_grayscale_arrays_are_loaded_and_normalized_with_their_own_statistics():
@@ -209,7 +230,7 @@ def test_grayscale_arrays_are_loaded_and_normalized_with_their_own_statistics():
     train_loader, _ = ds.make_loaders(32, seed=0, num_workers=0, data=data, augment=[A.HorizontalFlip()])
     batch, _ = next(iter(train_loader))
     assert batch.shape == (32, 28, 28, 1)
-    x = ds.model_input(batch, train_loader)
+    x = ds.normalize(batch, train_loader.dataset.mean, train_loader.dataset.std)
     assert x.shape == (32, 1, 28, 28) and abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1
 
 
@@ -240,17 +261,17 @@ def _max_to_avg_pool(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("make, expected, size", [(ResNet18, 109, 192), (CustomResNet, 64, 128)])
 def test_receptive_field_of_residual_networks_matches_the_gradient(make, expected, size):
     model = make().eval()
-    assert M.total_receptive_field(model) == expected  # by hand: see the comments in receptive_field's tests
+    assert RF.total_receptive_field(model) == expected  # by hand: see the comments in receptive_field's tests
     assert _gradient_support(_max_to_avg_pool(model).features, size) == expected
-    rows = M.receptive_field(model)
+    rows = RF.receptive_field(model)
     assert all(r.rf_out >= r.rf_in for r in rows) and rows[-1].size_out == 1  # the final pool is listed, not counted
 
 
 def test_receptive_field_handles_average_pooling_and_shortcut_convs():
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AvgPool2d(2), nn.Conv2d(4, 4, 3, padding=1))
-    assert [r.rf_out for r in M.receptive_field(net)] == [3, 4, 8] and M.total_receptive_field(net) == 8
+    assert [r.rf_out for r in RF.receptive_field(net)] == [3, 4, 8] and RF.total_receptive_field(net) == 8
     block = BasicBlock(4, 8, stride=2)
-    rows = M.receptive_field(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), block))
+    rows = RF.receptive_field(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), block))
     shortcut = next(r for r in rows if r.layer == "1.shortcut.0")
     assert (shortcut.rf_in, shortcut.rf_out, shortcut.jump_out) == (3, 3, 2)  # from the block input, not chained
 
@@ -263,7 +284,7 @@ def test_load_weights_and_classify_one_image_or_file_in_one_call_each(cifar_root
     assert not loaded.training
     image = ds.load_cifar10(False, cifar_root).data[0]
     loaded.train()  # the mistake classify must survive
-    name, probabilities = B.classify(loaded, image)
+    name, probabilities = M.classify(loaded, image)
     assert loaded.training, "classify restores the mode it found"
     with torch.no_grad():
         expected = M.Net().eval()
@@ -274,4 +295,4 @@ def test_load_weights_and_classify_one_image_or_file_in_one_call_each(cifar_root
         probabilities.values()
     ) == pytest.approx(1)
     Image.fromarray(image).save(tmp_path / "one.png")
-    assert B.classify(loaded, tmp_path / "one.png")[0] == name
+    assert M.classify(loaded, tmp_path / "one.png")[0] == name

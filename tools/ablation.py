@@ -111,7 +111,8 @@ def table(rows: list[dict[str, Any]], quick: bool) -> str:
         f"{first['epochs']} epochs on {first['train_images']:,} train images, tested on {first['test_images']:,}; "
         f"seeds {sorted({r['seed'] for r in rows})}; final epoch, never the best. {first['machine']}, {first['date']}.",
         "",
-        "| variant | S9 rule it breaks | test acc % | flip TTA % | parameters | MACs / image | receptive field | s / epoch |",
+        "| variant | S9 rule it breaks | test acc % | flip TTA % | parameters | MACs / image | receptive field "
+        "| s / epoch |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in dict.fromkeys(r["variant"] for r in rows):
@@ -143,7 +144,9 @@ def picture(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     p = argparse.ArgumentParser(
-        prog="python -m tools.ablation", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m tools.ablation",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--epochs", type=int, default=RECIPE.epochs, help="one schedule for every variant")
     p.add_argument("--train-images", type=int, default=None, help="a seeded subset of the train split (default: all)")

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from helpers.backprop import make_optimizer, optimizer_step, seed_everything
 from helpers.dataset import ImageData, cifar10, default_workers, make_loaders, normalize, subset, train_transforms
-from helpers.device import autocast, grad_scaler, hardware, pick_device, precision_policy, Precision
+from helpers.device import Precision, autocast, grad_scaler, hardware, pick_device, precision_policy
 from helpers.model import Net
 
 DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -72,7 +72,9 @@ def loader_rate(loader: DataLoader, batches: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def trainer(device: torch.device, precision: Precision, channels_last: bool = True) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def trainer(
+    device: torch.device, precision: Precision, channels_last: bool = True
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """One training step of a fresh Net at `precision`, with the GradScaler fp16 needs, as fit runs it."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = Net().to(device, memory_format=fmt)
@@ -121,14 +123,22 @@ def epoch_seconds(loader: DataLoader, device: torch.device, precision: Precision
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tools.bench", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m tools.bench",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: per device)")
-    p.add_argument("--loader-batches", type=int, default=None, help="batches timed per loader (default: 90 GPU, 10 CPU)")
+    p.add_argument(
+        "--loader-batches", type=int, default=None, help="batches timed per loader (default: 90 GPU, 10 CPU)"
+    )
     p.add_argument("--steps", type=int, default=None, help="train steps timed per setting (default: 50 GPU, 3 CPU)")
-    p.add_argument("--epoch-images", type=int, default=None, help="images in a timed epoch (default: 50000 GPU, 5120 CPU)")
-    p.add_argument("--compare-workers", type=int, nargs="*", default=None, help="worker counts to time (default: 1, 2, all cores)")
+    p.add_argument(
+        "--epoch-images", type=int, default=None, help="images in a timed epoch (default: 50000 GPU, 5120 CPU)"
+    )
+    p.add_argument(
+        "--compare-workers", type=int, nargs="*", default=None, help="worker counts to time (default: 1, 2, all cores)"
+    )
     p.add_argument("--out", default=None, help="also write the report to this markdown file")
     return p
 
@@ -161,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     data = cifar10()  # loaded once for every loader below
     naive = naive_loader(data, a.batch_size, workers, device, size)
     fast = make_loaders(a.batch_size, 0, device, workers, size, 1000, data=data)[0]
-    row(f"loader images/s ({batches} batches)", f"{loader_rate(naive, batches):,.0f}", f"{loader_rate(fast, batches):,.0f}")
+    row(
+        f"loader images/s ({batches} batches)",
+        f"{loader_rate(naive, batches):,.0f}",
+        f"{loader_rate(fast, batches):,.0f}",
+    )
     row(
         f"one training epoch, s ({len(naive.dataset)} images, {workers} workers)",
         f"{epoch_seconds(naive, device, precision):.2f}",

@@ -1,0 +1,94 @@
+"""The commands beside the library run end to end (quick mode: it proves the path, not accuracy):
+train.py, the benchmark, the ablation (and its resume), and --help."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import train
+from helpers.model import Net
+from helpers.recipe import RECIPE, SPEED_RECIPE
+from helpers.results import time_to_target
+from tools import ablation, bench
+
+
+def test_time_to_target_counts_training_seconds_until_the_first_epoch_at_85():
+    history = [{"epoch": e, "test_acc": acc, "train_seconds": 10.0} for e, acc in enumerate([70, 84.9, 85.0, 86], 1)]
+    assert time_to_target(history) == (3, 30.0)
+    assert time_to_target(history[:2]) == (None, None)
+
+
+def test_quick_run_writes_logs_metrics_plots_and_loadable_weights(cifar_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CIFAR10_ROOT", str(cifar_root))
+    assert train.main(["--quick", "--workers", "0", "--out", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["quick"] and metrics["final_epoch"] == 1 and metrics["test_images"] == 256
+    assert metrics["params"] < 200_000 and metrics["receptive_field"] > 44 and metrics["device"]
+    # the record alone reruns the result: every field of the recipe, as run (quick: 1 epoch)
+    assert metrics["recipe"] == dataclasses.replace(RECIPE, epochs=1).record()
+    assert 0 <= metrics["final_test_acc_tta"] <= 100
+    assert not (tmp_path / train.CHECKPOINT_NAME).exists(), "the default checkpoint is removed once results are written"
+    for png in ("curves", "misclassified", "confusion_matrix", "per_class_accuracy"):
+        assert (tmp_path / f"{png}.png").stat().st_size > 10_000
+    log = (tmp_path / "training_logs.md").read_text()
+    assert "QUICK" in log and metrics["device"] in log and f"{metrics['final_test_acc_tta']:.2f}% with flip TTA" in log
+    assert "with flip TTA" in capsys.readouterr().out
+    Net().load_state_dict(torch.load(tmp_path / "s9_net.pt", weights_only=True))
+
+
+def test_help_shows_every_default_and_the_environment(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in (f"(default: {RECIPE.batch_size})", f"(default: {RECIPE.seed})", f"(default: {RECIPE.max_lr})"):
+        assert shown in text
+    assert f"shipped {RECIPE.epochs}, speed {SPEED_RECIPE.epochs}" in text and "Results/quick" in text
+    assert "CIFAR10_ROOT" in text and "S9_QUICK=1" in text and "--quick" in text
+
+
+def test_benchmark_prints_both_loaders_and_the_worker_counts_side_by_side(cifar_root, monkeypatch, tmp_path):
+    monkeypatch.setenv("CIFAR10_ROOT", str(cifar_root))
+    args = ["--workers", "0", "--loader-batches", "2", "--steps", "1", "--epoch-images", "256", "--batch-size", "64"]
+    assert bench.main(args + ["--compare-workers", "0", "1", "--out", str(tmp_path / "bench.md")]) == 0
+    report = (tmp_path / "bench.md").read_text()
+    assert "naive per-image loader | make_loaders" in report and "train step images/s, fp32, channels_last" in report
+    assert (
+        "| one training epoch, s, 0 loader workers |" in report
+        and "| one training epoch, s, 1 loader workers |" in report
+    )
+    loader_row = next(line for line in report.splitlines() if line.startswith("| loader images/s"))
+    assert all(float(cell.replace(",", "")) > 0 for cell in loader_row.strip("|").split("|")[1:])
+
+
+def test_missing_data_ends_the_command_with_the_fix_not_a_traceback(tmp_path, monkeypatch, capsys, offline):
+    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path))
+    assert train.main(["--quick", "--workers", "0", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-python.tar.gz" in err and "Traceback" not in err
+
+
+def test_quick_ablation_writes_its_table_and_resumes_only_what_is_missing(cifar_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_ROOT", str(cifar_root))
+    args = ["--quick", "--out", str(tmp_path), "--variants", "shipped", "max-pool downsampling", "no CoarseDropout"]
+    assert ablation.main(args) == 0
+    table = (tmp_path / "ablation.md").read_text()
+    assert "QUICK" in table and "| max-pool downsampling | no MaxPooling" in table
+    assert "| shipped | none |" in table and (tmp_path / "ablation.png").stat().st_size > 5_000
+    (tmp_path / "runs" / "no-coarsedropout-seed0.json").unlink()  # as if it had been interrupted
+    trained = []
+    real = ablation.train_variant
+    monkeypatch.setattr(
+        ablation, "train_variant", lambda variant, *a: trained.append(variant.name) or real(variant, *a)
+    )
+    assert ablation.main(args) == 0
+    assert trained == ["no CoarseDropout"]
+    assert (tmp_path / "ablation.md").read_text().count("\n| ") == table.count("\n| ")
+
+
+def test_every_ablation_variant_changes_the_shipped_net_or_recipe_through_public_parameters():
+    nets = {v.name: Net(**v.net) for v in ablation.VARIANTS}
+    assert len({repr(n) for n in nets.values()}) == 5  # shipped, stride, max-pool, dense, no residual
+    assert all(hasattr(RECIPE, key) for v in ablation.VARIANTS for key in v.recipe)
+    assert [v.breaks for v in ablation.VARIANTS if v.name == "shipped"] == ["none"]

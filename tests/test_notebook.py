@@ -1,0 +1,89 @@
+"""S9.ipynb as students use it: a disconnect mid-training resumes to the same weights, calls read with
+keywords, the parameters cell follows papermill's convention. (nbval re-executes it whole, in quick mode.)"""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import backprop
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = [c for c in json.loads((ROOT / "S9.ipynb").read_text())["cells"] if c["cell_type"] == "code"]
+
+
+def _source(cell) -> str:
+    return "".join(cell["source"])
+
+
+def _run_training_path(overrides: dict) -> dict:
+    """Run the notebook's cells in one namespace up to its training cell, parameters overridden as papermill would.
+
+    The LR range test cell is skipped: it restores model, optimizer and RNGs bit for bit (tests/test_lr_finder.py).
+    """
+    namespace: dict = {}
+    for cell in CELLS:
+        source = _source(cell)
+        if "lr_range_test(" in source:
+            continue
+        exec(compile(source, "S9.ipynb", "exec"), namespace)
+        if "parameters" in cell["metadata"].get("tags", []):
+            namespace.update(overrides)
+        if "= fit(" in source:
+            return namespace
+    raise AssertionError("no training cell")
+
+
+def test_an_interrupted_notebook_run_resumes_to_bit_identical_weights(cifar_root, tmp_path, monkeypatch, capsys):
+    straight = _run_training_path({"EPOCHS": 2, "RESULTS": str(tmp_path / "a"), "CHECKPOINT": str(tmp_path / "a.pt")})
+
+    real_train, calls = backprop.train, []
+
+    def disconnect_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the runtime went away during epoch 2
+        return real_train(*args, **kwargs)
+
+    overrides = {"EPOCHS": 2, "RESULTS": str(tmp_path / "b"), "CHECKPOINT": str(tmp_path / "b.pt")}
+    monkeypatch.setattr(backprop, "train", disconnect_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        _run_training_path(overrides)
+    monkeypatch.setattr(backprop, "train", real_train)
+    capsys.readouterr()
+    resumed = _run_training_path(overrides)  # Run all again, in a fresh kernel
+    assert "resuming from epoch 1 of 2" in capsys.readouterr().out
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda hs: [{k: v for k, v in h.items() if "seconds" not in k} for h in hs]  # noqa: E731
+    assert strip(resumed["result"].history) == strip(straight["result"].history)
+
+
+def test_a_checkpoint_of_another_recipe_is_refused_by_the_notebook(cifar_root, tmp_path):
+    checkpoint = str(tmp_path / "run.pt")
+    _run_training_path({"EPOCHS": 1, "RESULTS": str(tmp_path / "a"), "CHECKPOINT": checkpoint})
+    with pytest.raises(Exception, match="belongs to another run.*seed"):
+        _run_training_path({"EPOCHS": 1, "SEED": 1, "RESULTS": str(tmp_path / "b"), "CHECKPOINT": checkpoint})
+
+
+def test_the_parameters_cell_is_tagged_for_papermill_and_holds_only_plain_assignments():
+    (cell,) = [c for c in CELLS if "parameters" in c["metadata"].get("tags", [])]
+    names = [t.id for node in ast.parse(_source(cell)).body if isinstance(node, ast.Assign) for t in node.targets]
+    assert names == ["QUICK", "SEED", "EPOCHS", "RESULTS", "CHECKPOINT"]
+
+
+def test_every_notebook_call_passes_keywords_after_its_first_two_arguments():
+    calls = [node for cell in CELLS for node in ast.walk(ast.parse(_source(cell))) if isinstance(node, ast.Call)]
+    crowded = [ast.unparse(call.func) for call in calls if len(call.args) > 2]
+    assert crowded == []
+
+
+def test_the_training_cell_builds_the_recipe_in_view_and_checkpoints():
+    training = next(_source(c) for c in CELLS if "= fit(" in _source(c))
+    optimizer = next(_source(c) for c in CELLS if "make_optimizer(" in _source(c))
+    for field in ("max_lr", "momentum", "weight_decay", "warmup_fraction"):
+        assert f"recipe.{field}" in optimizer
+    wanted = ["optimizer=optimizer", "scheduler=scheduler", "label_smoothing=recipe.label_smoothing"]
+    assert all(argument in training for argument in [*wanted, "checkpoint=CHECKPOINT", "signature=recipe.record()"])
