@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from helpers.backprop import DivergedError, fit, make_optimizer, make_scheduler, seed_everything
+from helpers.backprop import DivergedError, fit_recipe, seed_everything
 from helpers.checkpoint import CheckpointError
 from helpers.dataset import DatasetNotFoundError, augmentations, make_loaders
 from helpers.device import hardware, pick_device, precision_policy
@@ -60,18 +60,7 @@ def run(recipe: Recipe, out: Path, log: Path, checkpoint: Path, quick: bool, wor
     print(f"Net: {count_parameters(model):,} parameters, receptive field {total_receptive_field(model)}")
     print(f"on {hardware(device)}; precision: {precision_policy(device)}")
     print(format_receptive_field(receptive_field(model)))
-    result = fit(
-        model,
-        train_loader,
-        test_loader,
-        recipe.epochs,
-        optimizer=make_optimizer(model, lr=recipe.max_lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay),
-        scheduler=lambda optimizer, steps: make_scheduler(optimizer, steps, warmup_fraction=recipe.warmup_fraction),
-        label_smoothing=recipe.label_smoothing,
-        device=device,
-        checkpoint=checkpoint,
-        signature=recipe.record(),
-    )
+    result = fit_recipe(model, train_loader, test_loader, recipe, device=device, checkpoint=checkpoint)
     save_plots(result, test_loader.dataset.images, out)
     return write_results(model, result, recipe, out, log=log, source=source, quick=quick)
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .checkpoint import resume_run, run_signature, save_run
 from .dataset import normalize
 from .device import Precision, autocast, grad_scaler, hardware, pick_device, precision_policy
-from .recipe import RECIPE
+from .recipe import RECIPE, Recipe
 
 CPU = torch.device("cpu")
 LOG_EVERY = 20  # batches between progress updates and finiteness checks: each one waits for the GPU
@@ -302,3 +302,27 @@ def fit(
     tta_logits = predict(model, test_loader, device=device, dtype=precision.dtype, tta=True)[0] if tta else None
     machine = hardware(device)
     return FitResult(history, logits, labels, tta_logits, len(train_loader.dataset), machine, str(precision))
+
+
+def fit_recipe(
+    model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, recipe: Recipe = RECIPE, **settings: Any
+) -> FitResult:
+    """fit with every number from `recipe` (its SGD, one-cycle, label smoothing, epochs); checkpoints signed by it.
+
+    settings: fit's other keywords (device, precision, checkpoint, tta, ...); a `signature` adds to the recipe's.
+    """
+    optimizer = make_optimizer(model, lr=recipe.max_lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    steps = recipe.epochs * len(train_loader)
+    scheduler = make_scheduler(optimizer, steps, warmup_fraction=recipe.warmup_fraction)
+    signature = {**recipe.record(), **settings.pop("signature", {})}
+    return fit(
+        model,
+        train_loader,
+        test_loader,
+        recipe.epochs,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        label_smoothing=recipe.label_smoothing,
+        signature=signature,
+        **settings,
+    )

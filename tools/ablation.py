@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from helpers.backprop import fit, make_optimizer, make_scheduler, seed_everything  # noqa: E402
+from helpers.backprop import fit_recipe, seed_everything  # noqa: E402
 from helpers.dataset import augmentations, cifar10, make_loaders  # noqa: E402
 from helpers.device import hardware, pick_device  # noqa: E402
 from helpers.model import Net, count_parameters  # noqa: E402
@@ -69,16 +69,8 @@ def train_variant(variant: Variant, base: Recipe, seed: int, sizes: tuple, data:
     loaders = make_loaders(recipe.batch_size, seed, device, None, *sizes, data=data, augment=augmentations(recipe))
     model = Net(recipe.widths, **variant.net)
     checkpoint = runs / f"{slug(variant.name)}-seed{seed}.pt"
-    result = fit(
-        model,
-        *loaders,
-        recipe.epochs,
-        optimizer=make_optimizer(model, lr=recipe.max_lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay),
-        scheduler=lambda optimizer, steps: make_scheduler(optimizer, steps, warmup_fraction=recipe.warmup_fraction),
-        label_smoothing=recipe.label_smoothing,
-        device=device,
-        checkpoint=checkpoint,
-        signature={"variant": variant.name, **recipe.record()},
+    result = fit_recipe(
+        model, *loaders, recipe, device=device, checkpoint=checkpoint, signature={"variant": variant.name}
     )
     row = {
         "variant": variant.name,
