@@ -126,7 +126,7 @@ def _how_to_get_cifar10(root: Path) -> str:
         f"Fix one of:\n"
         f"  - go online and rerun: it downloads the 170 MB archive once into {root};\n"
         f"  - or download 'CIFAR-10 python version' (cifar-10-python.tar.gz) from {CIFAR10_PAGE}\n"
-        f"    and unpack it there: tar -xzf cifar-10-python.tar.gz -C {root}\n"
+        f"    and unpack it there: mkdir -p {root} && tar -xzf cifar-10-python.tar.gz -C {root}\n"
         f"    (7-Zip on Windows; this makes {root}/cifar-10-batches-py/);\n"
         f"  - or point CIFAR10_ROOT at the folder that already holds cifar-10-batches-py/:\n"
         f"    export CIFAR10_ROOT=/path/to/folder  (Windows: set CIFAR10_ROOT=..., a notebook or Colab:\n"
