@@ -235,15 +235,6 @@ def normalize(
     return ((images.float() - m) / s).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
-def denormalize(
-    images: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
-) -> torch.Tensor:
-    """Normalized float (N x) C x H x W -> displayable 0..1 (N x) H x W x C, for plots."""
-    m = torch.tensor(mean).view(-1, 1, 1)
-    s = torch.tensor(std).view(-1, 1, 1)
-    return (images.detach().cpu().float() * s + m).clamp(0, 1).movedim(-3, -1)
-
-
 class SeededBatch(NamedTuple):
     """A batch of dataset indices and the seed its augmentations are drawn from."""
 

@@ -174,7 +174,7 @@ def gradcam(
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
     except IndexError as err:
         raise ValueError(
-            f"GradCAM failed ({err}): every target class must be below the model's {num_outputs(model, x)} outputs, "
+            f"GradCAM failed ({err}): every target class must be below the model's {_num_outputs(model, x)} outputs, "
             "and `layer` must be a module the forward pass runs (e.g. model.c4)"
         ) from err
     finally:
@@ -182,7 +182,7 @@ def gradcam(
         model.train(was_training)
 
 
-def num_outputs(model: nn.Module, x: torch.Tensor) -> int:
+def _num_outputs(model: nn.Module, x: torch.Tensor) -> int:
     """How many class scores the model gives (for error messages)."""
     with torch.no_grad():
         return model(x[:1]).shape[-1]
