@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
@@ -73,11 +74,11 @@ def loader_rate(loader: DataLoader, batches: int) -> float:
 
 
 def trainer(
-    device: torch.device, precision: Precision, channels_last: bool = True
+    device: torch.device, precision: Precision, channels_last: bool = True, model: nn.Module | None = None
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One training step of a fresh Net at `precision`, with the GradScaler fp16 needs, as fit runs it."""
+    """One training step of `model` (default a fresh Net) at `precision`, with fp16's GradScaler, as fit runs it."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = Net().to(device, memory_format=fmt)
+    model = (model or Net()).to(device, memory_format=fmt)
     optimizer, scaler = make_optimizer(model, lr=0.01), grad_scaler(device, precision)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -88,9 +89,16 @@ def trainer(
     return step
 
 
-def step_rate(device: torch.device, precision: Precision, channels_last: bool, batch_size: int, steps: int) -> float:
+def step_rate(
+    device: torch.device,
+    precision: Precision,
+    channels_last: bool,
+    batch_size: int,
+    steps: int,
+    model: nn.Module | None = None,
+) -> float:
     """Train-step images/s on a synthetic batch already on the device: the model's own speed limit."""
-    step = trainer(device, precision, channels_last)
+    step = trainer(device, precision, channels_last, model)
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     for _ in range(3):  # warm-up: cuDNN autotuning, allocator, oneDNN primitives
