@@ -140,7 +140,8 @@ def picture(rows: list[dict[str, Any]], path: Path) -> None:
     ax.barh(names[::-1], accs[::-1], color=["tab:green" if n == "shipped" else "steelblue" for n in names[::-1]])
     ax.bar_label(ax.containers[0], fmt="%.2f", fontsize=8)
     ax.axvline(accs[0] if names[0] == "shipped" else 0, color="grey", linestyle=":")
-    ax.set(xlabel="final-epoch test accuracy %", xlim=(min(accs) - 5, max(accs) + 3), title="Ablation")
+    schedule = f"{rows[0]['epochs']} epochs on {rows[0]['train_images']:,} train images, {rows[0]['date']}"
+    ax.set(xlabel="final-epoch test accuracy %", xlim=(min(accs) - 5, max(accs) + 3), title=f"Ablation: {schedule}")
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
 
