@@ -19,6 +19,7 @@ import torch.nn as nn
 from . import utils
 from .backprop import FitResult
 from .checkpoint import write_atomically
+from .model import count_parameters
 from .receptive_field import count_macs, total_receptive_field
 from .recipe import TARGET_ACCURACY, Recipe
 
@@ -46,7 +47,7 @@ def run_metrics(model: nn.Module, result: FitResult, recipe: Recipe, source: str
         "final_epoch": history[-1]["epoch"],
         "test_images": len(labels),
         "test_acc_per_epoch": [h["test_acc"] for h in history],
-        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "params": count_parameters(model),
         "macs_per_image": count_macs(model),
         "receptive_field": total_receptive_field(model),
         "epoch_to_85": epoch_85,
