@@ -279,6 +279,7 @@ def fit(
     if checkpoint is not None and Path(checkpoint).exists():
         history = resume_run(checkpoint, run, model, optimizer, scheduler, scaler)
         tqdm.write(f"resuming from epoch {len(history)} of {epochs} ({checkpoint})")
+    logits = labels = None
     step_settings = {"device": device, "dtype": precision.dtype, "label_smoothing": label_smoothing, "scaler": scaler}
     for epoch in range(len(history) + 1, epochs + 1):
         train_loader.batch_sampler.set_epoch(epoch)  # batch order and augmentations: a function of (seed, epoch)
@@ -287,7 +288,8 @@ def fit(
         train_seconds = time.perf_counter() - start
         check_finite(model, desc)
         scale = check_loss_scale(scaler, desc)
-        test_loss, test_acc = test(model, test_loader, device=device, dtype=precision.dtype)
+        logits, labels = predict(model, test_loader, device=device, dtype=precision.dtype)
+        test_loss, test_acc = score(logits, labels)
         record = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss}
         history.append(
             record | {"test_acc": test_acc, "train_seconds": train_seconds, "seconds": time.perf_counter() - start}
@@ -298,7 +300,8 @@ def fit(
         )
         if checkpoint is not None:
             save_run(checkpoint, run, history, model, optimizer, scheduler, scaler)
-    logits, labels = predict(model, test_loader, device=device, dtype=precision.dtype)
+    if logits is None:  # resumed a finished run: evaluate the restored weights once
+        logits, labels = predict(model, test_loader, device=device, dtype=precision.dtype)
     tta_logits = predict(model, test_loader, device=device, dtype=precision.dtype, tta=True)[0] if tta else None
     machine = hardware(device)
     return FitResult(history, logits, labels, tta_logits, len(train_loader.dataset), machine, str(precision))
