@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import train
-from helpers.model import Net
+from helpers.model import Net, count_parameters
+from helpers.receptive_field import total_receptive_field
 from helpers.recipe import RECIPE, SPEED_RECIPE
 from helpers.results import time_to_target
 from tools import ablation, bench
@@ -92,3 +93,12 @@ def test_every_ablation_variant_changes_the_shipped_net_or_recipe_through_public
     assert len({repr(n) for n in nets.values()}) == 5  # shipped, stride, max-pool, dense, no residual
     assert all(hasattr(RECIPE, key) for v in ablation.VARIANTS for key in v.recipe)
     assert [v.breaks for v in ablation.VARIANTS if v.name == "shipped"] == ["none"]
+
+
+def test_every_lever_keeps_the_assignment_so_it_could_ship():
+    for lever in ablation.LEVERS:
+        recipe = dataclasses.replace(RECIPE, **lever.recipe)
+        model = Net(recipe.widths, **lever.net)
+        assert count_parameters(model) < 200_000 and total_receptive_field(model) > 44, lever.name
+        assert min(recipe.flip_p, recipe.shift_scale_rotate_p, recipe.coarse_dropout_p) > 0, lever.name
+        assert recipe.hole_size == 16 and lever.breaks == "none", lever.name
