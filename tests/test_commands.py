@@ -97,8 +97,7 @@ def test_every_ablation_variant_changes_the_shipped_net_or_recipe_through_public
 
 def test_every_lever_keeps_the_assignment_so_it_could_ship():
     for lever in ablation.LEVERS:
-        recipe = dataclasses.replace(RECIPE, **lever.recipe)
-        model = Net(recipe.widths, **lever.net)
+        recipe, model = lever.applied_to(RECIPE), lever.network()
         assert count_parameters(model) < 200_000 and total_receptive_field(model) > 44, lever.name
         assert min(recipe.flip_p, recipe.shift_scale_rotate_p, recipe.coarse_dropout_p) > 0, lever.name
         assert recipe.hole_size == 16 and lever.breaks == "none", lever.name

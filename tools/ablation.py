@@ -41,6 +41,14 @@ class Variant:
     recipe: dict[str, Any] = field(default_factory=dict)
     net: dict[str, Any] = field(default_factory=dict)
 
+    def applied_to(self, base: Recipe) -> Recipe:
+        """The base recipe with this variant's fields changed."""
+        return replace(base, **self.recipe)
+
+    def network(self, base: Recipe = RECIPE) -> Net:
+        """This variant's Net, at the widths its recipe gives: one place builds it for training and timing."""
+        return Net(self.applied_to(base).widths, **self.net)
+
 
 NO_AUGMENTATION = {"flip_p": 0.0, "shift_scale_rotate_p": 0.0, "coarse_dropout_p": 0.0}
 VARIANTS = (
@@ -63,6 +71,7 @@ LEVERS = (
     Variant("ShiftScaleRotate p=0.25", "none", recipe={"shift_scale_rotate_p": 0.25}),
     Variant("weight decay 2.5e-4", "none", recipe={"weight_decay": 2.5e-4}),
 )
+BY_NAME = {v.name: v for v in VARIANTS + LEVERS}  # table order: the ablation's variants, then the levers
 
 
 def slug(name: str) -> str:
@@ -72,11 +81,11 @@ def slug(name: str) -> str:
 
 def train_variant(variant: Variant, base: Recipe, seed: int, sizes: tuple, data: Any, runs: Path) -> dict[str, Any]:
     """Train one variant for one seed (resuming its checkpoint if there is one) and return its row."""
-    recipe = replace(base, seed=seed, **variant.recipe)
+    recipe = replace(variant.applied_to(base), seed=seed)
     seed_everything(seed)
     device = pick_device()
     loaders = make_loaders(recipe.batch_size, seed, device, None, *sizes, data=data, augment=augmentations(recipe))
-    model = Net(recipe.widths, **variant.net)
+    model = variant.network(base)
     checkpoint = runs / f"{slug(variant.name)}-seed{seed}.pt"
     result = fit_recipe(
         model, *loaders, recipe, device=device, checkpoint=checkpoint, signature={"variant": variant.name}
@@ -109,8 +118,7 @@ def train_speeds(names: list[str], batch_size: int, steps: int) -> dict[str, flo
     """
     device = pick_device()
     precision = precision_policy(device)
-    nets = {v.name: Net(v.recipe.get("widths", RECIPE.widths), **v.net) for v in VARIANTS + LEVERS}
-    return {name: step_rate(device, precision, True, batch_size, steps, nets[name]) for name in names}
+    return {name: step_rate(device, precision, True, batch_size, steps, BY_NAME[name].network()) for name in names}
 
 
 def table(rows: list[dict[str, Any]], speeds: dict[str, float], quick: bool) -> str:
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         nargs="+",
         default=[v.name for v in VARIANTS],
-        choices=[v.name for v in VARIANTS + LEVERS],
+        choices=list(BY_NAME),
         help="the ablation's variants (default) and/or the levers that keep every S9 rule",
     )
     p.add_argument("--out", default="Results/ablation", help="table, picture and the per-run records")
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     data, rows = cifar10(), []
     print(f"ablation on {hardware(pick_device())}: {len(a.variants)} variants x seeds {a.seeds} -> {out}/", flush=True)
-    for variant in (v for v in VARIANTS + LEVERS if v.name in a.variants):
+    for variant in (v for name, v in BY_NAME.items() if name in a.variants):
         for seed in a.seeds:
             done = runs / f"{slug(variant.name)}-seed{seed}.json"
             if done.exists():
