@@ -2,8 +2,9 @@
 
 Writes training_logs.md, and under the results folder metrics.json (the whole recipe included), the
 plots and s9_net.pt (a state_dict that Net() loads). Settings are checked and every output folder proven
-writable before any data is loaded; a checkpoint after every epoch makes an interrupted run resume
-when the same command runs again. Like nanoGPT's train.py: the library is in helpers/, this is the run.
+writable before any data is loaded (and the arguments before torch is even imported); a checkpoint after
+every epoch makes an interrupted run resume when the same command runs again, on this machine or another.
+Like nanoGPT's train.py: the library is in helpers/, this is the run.
 """
 
 from __future__ import annotations
@@ -13,18 +14,12 @@ import math
 import shlex
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from helpers.backprop import DivergedError, fit_recipe, seed_everything
-from helpers.checkpoint import CheckpointError
-from helpers.dataset import DatasetNotFoundError, augmentations, make_loaders
-from helpers.device import hardware, pick_device, precision_policy
-from helpers.model import Net, count_parameters
-from helpers.receptive_field import format_receptive_field, receptive_field, total_receptive_field
-from helpers.recipe import QUICK_TEST_IMAGES, QUICK_TRAIN_IMAGES, RECIPE, SPEED_RECIPE, Recipe
-from helpers.results import accuracy_line, save_plots, write_results
+from helpers.recipe import QUICK_TEST_IMAGES, QUICK_TRAIN_IMAGES, RECIPE, SPEED_RECIPE, Recipe  # no torch: fast
 
 RECIPES = {"shipped": RECIPE, "speed": SPEED_RECIPE}
 CHECKPOINT_NAME = "checkpoint.pt"  # the default checkpoint, inside the results folder (ignored by git)
@@ -49,6 +44,13 @@ def check_writable(*folders: str | Path) -> None:
 
 def run(recipe: Recipe, out: Path, log: Path, checkpoint: Path, quick: bool, workers: int | None, source: str) -> dict:
     """Check outputs, seed, load, build, train, evaluate and write everything; return the metrics."""
+    from helpers.backprop import fit_recipe, seed_everything  # torch: imported once the arguments are known good
+    from helpers.dataset import augmentations, make_loaders
+    from helpers.device import hardware, pick_device, precision_policy
+    from helpers.model import Net, count_parameters
+    from helpers.receptive_field import format_receptive_field, receptive_field, total_receptive_field
+    from helpers.results import save_plots, write_results
+
     check_writable(out, log.parent, checkpoint.parent)
     seed_everything(recipe.seed)
     device = pick_device()
@@ -65,24 +67,29 @@ def run(recipe: Recipe, out: Path, log: Path, checkpoint: Path, quick: bool, wor
     return write_results(model, result, recipe, out, log=log, source=source, quick=quick)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _whole_number(lowest: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= lowest, or one message that says so (for words and for numbers)."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lowest:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {lowest}, got {text!r}")
+        return value
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return parse
 
 
 def _learning_rate(text: str) -> float:
-    value = float(text)
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
     return value
 
 
@@ -97,12 +104,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=RECIPES, default="shipped", help="shipped or speed (default: %(default)s)")
     p.add_argument(
         "--epochs",
-        type=_positive_int,
+        type=_whole_number(1),
         default=None,
         help=f"default: the recipe's (shipped {RECIPE.epochs}, speed {SPEED_RECIPE.epochs}); 1 with --quick",
     )
     p.add_argument(
-        "--batch-size", type=_positive_int, default=RECIPE.batch_size, help="images per step (default: %(default)s)"
+        "--batch-size", type=_whole_number(1), default=RECIPE.batch_size, help="images per step (default: %(default)s)"
     )
     p.add_argument(
         "--lr",
@@ -112,7 +119,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed",
-        type=_non_negative_int,
+        type=_whole_number(0),
         default=RECIPE.seed,
         help="seeds python, numpy, torch and the loaders (default: %(default)s)",
     )
@@ -124,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers",
-        type=_non_negative_int,
+        type=_whole_number(0),
         default=None,
         help="loader workers (default: cores - 1 on the CPU, every core on a GPU)",
     )
@@ -147,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or ("Results/quick" if a.quick else "Results"))
     log = out / "training_logs.md" if a.quick or a.out else Path("training_logs.md")
     checkpoint = Path(a.checkpoint or out / CHECKPOINT_NAME)
+    from helpers.backprop import DivergedError  # torch: imported once the arguments are known good
+    from helpers.checkpoint import CheckpointError
+    from helpers.dataset import DatasetNotFoundError
+    from helpers.results import accuracy_line
+
     try:
         m: dict[str, Any] = run(
             recipe, out, log, checkpoint, a.quick, a.workers, "python3 train.py " + shlex.join(argv)

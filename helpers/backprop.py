@@ -4,6 +4,11 @@ Recipe (helpers/recipe.py; chosen before looking at the test set, which is only 
 SGD + Nesterov momentum, weight decay on conv/linear weights only, a one-cycle learning rate stepped
 every batch, label smoothing, channels_last memory, the precision of `device.precision_policy`, and a
 resumable checkpoint after every epoch. Any optimizer and scheduler can replace SGD and the one-cycle.
+
+Batches: every function here takes any loader of (images, labels), in either form:
+  - float N x C x H x W, already normalized: torchvision's convention (ToTensor + Normalize, or
+    albumentations ending in Normalize + ToTensorV2), with a plain DataLoader(..., shuffle=True);
+  - uint8 N x H x W x C from this kit's make_loaders, normalized on the device with the dataset's mean/std.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ class DivergedError(RuntimeError):
     """The training loss became NaN or infinite, or fp16 loss scaling collapsed: nothing after it is worth saving."""
 
 
+class ScheduleExhaustedError(ValueError):
+    """A learning-rate schedule asked to go past its last step: it would train on at lr 0 without a word."""
+
+
 def progress(iterable: Any, desc: str) -> Any:
     """A live progress bar for a person watching; none with TQDM_DISABLE=1 (headless runs, the committed notebook)."""
     return tqdm(iterable, desc=desc, leave=False, disable=os.environ.get("TQDM_DISABLE", "0") not in ("", "0"))
@@ -71,6 +80,55 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
     return scaler.get_scale() >= scale  # update() lowers the scale exactly when this step was skipped
 
 
+def batch_statistics(loader: DataLoader) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) a loader's uint8 batches are normalized with: its dataset's, looking through Subsets."""
+    dataset = loader.dataset
+    while not hasattr(dataset, "mean") and hasattr(dataset, "dataset"):  # a Subset of an ImageDataset
+        dataset = dataset.dataset
+    return (dataset.mean, dataset.std) if hasattr(dataset, "mean") and hasattr(dataset, "std") else None
+
+
+def to_input(images: torch.Tensor, device: torch.device, stats: tuple | None) -> torch.Tensor:
+    """A batch as the network takes it: normalized float N x C x H x W on `device`.
+
+    uint8 N x H x W x C batches (this kit's loaders) are normalized with `stats` (mean, std); float batches
+    are taken as already normalized (torchvision's convention) and only moved.
+    """
+    images = images.to(device, non_blocking=True)
+    if images.dtype != torch.uint8:
+        if images.dim() != 4 or not images.is_floating_point():
+            raise ValueError(
+                f"expected float N x C x H x W or uint8 N x H x W x C batches, got {images.dtype} {tuple(images.shape)}"
+            )
+        return images
+    if stats is None:
+        raise ValueError(
+            "this loader yields uint8 images but its dataset has no .mean/.std to normalize them with: "
+            "add Normalize(...) and ToTensor to its transforms (torchvision), or build it with make_loaders"
+        )
+    return normalize(images, *stats)
+
+
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    dtype: torch.dtype | None = None,
+    label_smoothing: float = 0.0,
+    scaler: Any | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The one training step (epoch loop, LR range test, benchmark): (loss, logits, whether the step was taken).
+
+    Forward and loss under the precision's autocast, then backward and update (optimizer_step).
+    """
+    with autocast(x.device, dtype):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    return loss, logits, optimizer_step(loss, optimizer, scaler)
+
+
 def train(
     model: nn.Module,
     loader: DataLoader,
@@ -85,16 +143,15 @@ def train(
 ) -> tuple[float, float]:
     """One epoch of training; returns (mean loss, accuracy %). A scheduler, if given, steps with the optimizer."""
     model.train()
-    mean, std = loader.dataset.mean, loader.dataset.std  # an ImageDataset carries its data's statistics
+    stats = batch_statistics(loader)  # this kit's datasets carry their mean/std; torchvision batches come normalized
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0  # no sync per batch
     bar = progress(loader, desc)
     for step, (images, labels) in enumerate(bar, 1):
-        x = normalize(images.to(device, non_blocking=True), mean, std)  # uint8 NHWC -> normalized float NCHW
-        y = labels.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        if optimizer_step(loss, optimizer, scaler) and scheduler is not None:
+        x, y = to_input(images, device, stats), labels.to(device, non_blocking=True)
+        loss, logits, stepped = train_step(
+            model, x, y, optimizer, dtype=dtype, label_smoothing=label_smoothing, scaler=scaler
+        )
+        if stepped and scheduler is not None:
             scheduler.step()  # a step fp16 skipped does not advance the schedule
         loss_sum += loss.detach().float() * len(y)
         correct += (logits.argmax(1) == y).sum()
@@ -126,10 +183,10 @@ def predict(
     returns the log of that average, which argmax and cross-entropy read like logits.
     """
     model.eval()
-    mean, std = loader.dataset.mean, loader.dataset.std
+    stats = batch_statistics(loader)
     all_logits, all_labels = [], []
     for images, labels in progress(loader, desc):
-        x = normalize(images.to(device, non_blocking=True), mean, std)
+        x = to_input(images, device, stats)
         with autocast(device, dtype):
             logits = model(x).float()
             if tta:
@@ -173,15 +230,26 @@ def make_optimizer(
 def make_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = RECIPE.warmup_fraction
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """One cycle, stepped per batch: linear warm-up from lr/10 over `warmup_fraction` of the steps, linear to 0."""
+    """One cycle, stepped per batch: linear warm-up from lr/10 over `warmup_fraction` of the steps, linear to 0.
+
+    Stepping it past `total_steps` is an error, not a silent lr of 0: build a new one for another run.
+    """
     warmup = max(1, round(warmup_fraction * total_steps))
 
     def factor(step: int) -> float:
+        if step > total_steps:
+            raise ScheduleExhaustedError(
+                f"the one-cycle schedule was built for {total_steps} steps and was stepped to {step}: "
+                "its lr is 0 from here on. Build a new optimizer and scheduler for another fit, "
+                "or build the schedule for all the epochs you train"
+            )
         if step < warmup:
             return 0.1 + 0.9 * step / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        return (total_steps - step) / max(1, total_steps - warmup)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler.total_steps = total_steps  # as OneCycleLR has it: fit checks that the schedule covers its epochs
+    return scheduler
 
 
 @dataclass
@@ -240,6 +308,49 @@ def _build(
     return optimizer, scheduler
 
 
+def check_schedule(scheduler: Any, steps: int) -> None:
+    """Refuse, before training, a schedule with fewer steps left than the epochs ahead (it would end at lr 0)."""
+    total = getattr(scheduler, "total_steps", None)  # OneCycleLR and make_scheduler know their length
+    if total is None:
+        return
+    left = total - scheduler.last_epoch
+    if steps > left:
+        raise ScheduleExhaustedError(
+            f"the schedule has {left} of its {total} steps left but this fit takes {steps}: build a new "
+            "optimizer and scheduler for this fit, sized for all its epochs (total_steps=epochs * len(train_loader))"
+        )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell the loader's sampler the epoch where it has set_epoch (this kit's, DistributedSampler); else nothing."""
+    for sampler in (loader.batch_sampler, loader.sampler):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+            return
+
+
+def epoch_line(h: dict[str, float], epochs: int, note: str = "") -> str:
+    """One epoch of the log, as fit prints it (note: e.g. the fp16 loss scale, or '(restored)')."""
+    return (
+        f"epoch {int(h['epoch']):>3}/{epochs}  lr {h['lr']:.3g}  train {h['train_loss']:.3f} / {h['train_acc']:.2f}%  "
+        f"test {h['test_loss']:.3f} / {h['test_acc']:.2f}%  {h['train_seconds']:.1f}s{note}"
+    )
+
+
+def _resume(checkpoint: Path, run: dict, machine: dict, epochs: int, *states: Any) -> list[dict[str, float]]:
+    """Restore the run, say so (and what machine changed), and print the restored epochs' lines."""
+    history, saved_on = resume_run(checkpoint, run, *states)
+    tqdm.write(f"resuming from epoch {len(history)} of {epochs} ({checkpoint})")
+    if saved_on and saved_on != machine:
+        tqdm.write(
+            f"note: the checkpoint was made on {saved_on['hardware']} ({saved_on['precision']}); "
+            f"this run goes on on {machine['hardware']} ({machine['precision']})"
+        )
+    for h in history:
+        tqdm.write(epoch_line(h, epochs, "  (restored)"))
+    return history
+
+
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
@@ -258,10 +369,13 @@ def fit(
 ) -> FitResult:
     """Train for `epochs`, testing after each; returns the history and the final epoch's test predictions.
 
+    Loaders: any that yield (images, labels), float NCHW normalized or this kit's uint8 NHWC (module docstring).
     optimizer: an optimizer, a factory model -> optimizer, or None for make_optimizer (the recipe's SGD).
-    scheduler: a scheduler, a factory (optimizer, total_steps) -> scheduler, or None for a constant lr.
+    scheduler: a scheduler (stepped every batch; one that knows its total_steps must cover these epochs),
+    a factory (optimizer, total_steps) -> scheduler, or None for a constant lr.
     checkpoint: a file saved after every epoch; a run that finds it resumes, but only the same run
-    (network, data, augmentations, seed, optimizer, schedule, plus `signature`, e.g. recipe.record()).
+    (network, data, augmentations, seed, optimizer, schedule, plus `signature`, e.g. recipe.record()),
+    and prints the restored epochs first, so the log shows every epoch once.
     tta: also score the final model with flip test-time augmentation (FitResult.tta_accuracy).
     """
     if epochs < 1:
@@ -275,14 +389,15 @@ def fit(
     scaler = grad_scaler(device, precision)
     settings = {**(signature or {}), "epochs": epochs, "label_smoothing": label_smoothing}
     run = run_signature(model, train_loader, optimizer, scheduler, **settings, steps_per_epoch=len(train_loader))
+    machine = {"hardware": hardware(device), "precision": str(precision)}
     history = []
     if checkpoint is not None and Path(checkpoint).exists():
-        history = resume_run(checkpoint, run, model, optimizer, scheduler, scaler)
-        tqdm.write(f"resuming from epoch {len(history)} of {epochs} ({checkpoint})")
+        history = _resume(Path(checkpoint), run, machine, epochs, model, optimizer, scheduler, scaler)
+    check_schedule(scheduler, (epochs - len(history)) * len(train_loader))
     logits = labels = None
     step_settings = {"device": device, "dtype": precision.dtype, "label_smoothing": label_smoothing, "scaler": scaler}
     for epoch in range(len(history) + 1, epochs + 1):
-        train_loader.batch_sampler.set_epoch(epoch)  # batch order and augmentations: a function of (seed, epoch)
+        set_epoch(train_loader, epoch)  # this kit's loaders: batch order and augmentations a function of (seed, epoch)
         start, lr, desc = time.perf_counter(), optimizer.param_groups[0]["lr"], f"epoch {epoch}/{epochs}"
         train_loss, train_acc = train(model, train_loader, optimizer, scheduler, **step_settings, desc=desc)
         train_seconds = time.perf_counter() - start
@@ -294,17 +409,15 @@ def fit(
         history.append(
             record | {"test_acc": test_acc, "train_seconds": train_seconds, "seconds": time.perf_counter() - start}
         )
-        tqdm.write(
-            f"epoch {epoch:>3}/{epochs}  lr {lr:.3g}  train {train_loss:.3f} / {train_acc:.2f}%  "
-            f"test {test_loss:.3f} / {test_acc:.2f}%  {train_seconds:.1f}s{scale}"
-        )
+        tqdm.write(epoch_line(history[-1], epochs, scale))
         if checkpoint is not None:
-            save_run(checkpoint, run, history, model, optimizer, scheduler, scaler)
+            save_run(checkpoint, run, history, machine, model, optimizer, scheduler, scaler)
     if logits is None:  # resumed a finished run: evaluate the restored weights once
         logits, labels = predict(model, test_loader, device=device, dtype=precision.dtype)
     tta_logits = predict(model, test_loader, device=device, dtype=precision.dtype, tta=True)[0] if tta else None
-    machine = hardware(device)
-    return FitResult(history, logits, labels, tta_logits, len(train_loader.dataset), machine, str(precision))
+    return FitResult(
+        history, logits, labels, tta_logits, len(train_loader.dataset), machine["hardware"], str(precision)
+    )
 
 
 def fit_recipe(

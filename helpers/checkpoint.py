@@ -105,12 +105,13 @@ def save_run(
     path: str | Path,
     run: dict[str, Any],
     history: list[dict[str, float]],
+    machine: dict[str, str],
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: Any,
 ) -> None:
-    """Everything a resumed run needs, after an epoch."""
+    """Everything a resumed run needs, after an epoch, and the machine it ran on (hardware, precision)."""
     save_checkpoint(
         path,
         model=model.state_dict(),
@@ -120,6 +121,7 @@ def save_run(
         epoch=len(history),
         history=history,
         run=run,
+        machine=machine,
         rng=rng_state(),
     )
 
@@ -131,10 +133,11 @@ def resume_run(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: Any,
-) -> list[dict[str, float]]:
-    """Restore every state from the checkpoint of this same run; return its history (the epochs done).
+) -> tuple[list[dict[str, float]], dict[str, str]]:
+    """Restore every state from the checkpoint of this same run; return its history and the machine it ran on.
 
-    Refuses, naming what differs, a checkpoint of another run: resuming it would mix two recipes.
+    The machine is not part of the run: a run goes on on another CPU or a GPU (fit says so). Refuses,
+    naming what differs, a checkpoint of another run: resuming it would mix two recipes.
     """
     state = load_checkpoint(path)
     if state["run"] != run:
@@ -152,4 +155,4 @@ def resume_run(
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    return state["history"]
+    return state["history"], state.get("machine", {})

@@ -298,16 +298,20 @@ class ImageDataset(Dataset):
         image = self.images[index]
         return (self.transform(image=image)["image"] if self.transform else image), int(self.labels[index])
 
-    def __getitems__(self, batch: SeededBatch | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One uint8 N x H x W x C tensor and its labels: DataLoader calls this instead of collate."""
-        indices = batch.indices if isinstance(batch, SeededBatch) else list(batch)
-        images = self.images[indices]
+    def __getitems__(self, batch: SeededBatch | list[int]) -> tuple[torch.Tensor, torch.Tensor] | list:
+        """A SeededBatch (make_loaders): one uint8 N x H x W x C tensor and its labels, no collate needed.
+
+        A plain list of indices (a plain DataLoader, a Subset): torch's contract, a list of (image, label)
+        samples for the DataLoader's collate to stack.
+        """
+        if not isinstance(batch, SeededBatch):
+            return [self[i] for i in batch]
+        images = self.images[batch.indices]
         if self.transform is not None:
-            if isinstance(batch, SeededBatch):
-                seed_pipeline(self.transform, batch.seed)
+            seed_pipeline(self.transform, batch.seed)
             images = np.stack([self.transform(image=image)["image"] for image in images])
             images = images[..., None] if images.ndim == 3 else images  # some transforms drop a single channel
-        return torch.from_numpy(images), self.labels[indices]
+        return torch.from_numpy(images), self.labels[batch.indices]
 
 
 def _already_batched(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,8 @@ Give it the model and the optimizer instance you will train with (`torch.optim.A
 as with torch-lr-finder), or a factory model -> optimizer. It trains that model with that optimizer while
 raising the learning rate exponentially every batch, records the smoothed loss, and afterwards puts the
 model, the optimizer and the RNGs back to their state before the test, bit for bit. Own code rather than
-torch-lr-finder itself: it reads this kit's uint8 batches and precision policy.
+torch-lr-finder itself: it takes this kit's uint8 batches as well as torchvision's normalized float ones,
+trains with fit's own step and loss (label smoothing), and follows the precision policy.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .backprop import make_optimizer, optimizer_step
+from .backprop import batch_statistics, make_optimizer, to_input, train_step
 from .checkpoint import rng_state, set_rng_state
-from .dataset import normalize
-from .device import Precision, autocast, grad_scaler, pick_device, precision_policy
+from .device import Precision, grad_scaler, pick_device, precision_policy
+from .recipe import RECIPE
 
 
 @dataclass
@@ -41,6 +41,11 @@ class LRRangeTest:
         that descent is not learning, so it is not searched.
         """
         lowest = int(np.argmin(self.losses))
+        if lowest < 2:
+            raise ValueError(
+                f"the loss was lowest at step {lowest + 1} of {len(self.losses)} (lr {self.lrs[lowest]:.3g}): it never "
+                "fell, so there is no steepest descent to read. Start lower (start_lr) or sweep more steps"
+            )
         slopes = np.gradient(np.array(self.losses[: lowest + 1]), np.log(np.array(self.lrs[: lowest + 1])))
         skip = min(lowest, max(1, len(self.losses) // 10))  # the first steps are noise around the starting loss
         return float(self.lrs[skip + int(np.argmin(slopes[skip:]))])
@@ -61,10 +66,12 @@ def lr_range_test(
     steps: int = 100,
     device: torch.device | None = None,
     precision: Precision | None = None,
+    label_smoothing: float = RECIPE.label_smoothing,
     smoothing: float = 0.9,
 ) -> LRRangeTest:
     """Train `model` with `optimizer` (default: the recipe's SGD) at lrs rising from start_lr to end_lr.
 
+    label_smoothing: the training's loss (fit's default too), so the sweep measures the loss training minimizes.
     Stops early once the smoothed loss exceeds 4x its best (divergence). Model, optimizer and RNGs are
     restored afterwards, so the test leaves no trace on the run that follows.
     """
@@ -76,53 +83,57 @@ def lr_range_test(
     saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), rng_state()))
     was_training = model.training
     try:
-        return _sweep(model, loader, optimizer, start_lr, end_lr, steps, device, precision, smoothing)
+        lrs = np.geomspace(start_lr, end_lr, steps).tolist()  # exponentially rising, one per batch
+        sweep = _sweep(model, loader, optimizer, lrs, precision, label_smoothing=label_smoothing, smoothing=smoothing)
     finally:
         model_state, optimizer_state, rngs = saved
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         set_rng_state(rngs)
         model.train(was_training)
+    if not sweep.losses:
+        raise ValueError(
+            f"the first loss, at lr {start_lr:.3g}, was not finite: check the inputs for NaN or inf, or lower start_lr"
+        )
+    return sweep
 
 
 def _sweep(
     model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
-    start_lr: float,
-    end_lr: float,
-    steps: int,
-    device: torch.device,
+    lrs: list[float],
     precision: Precision,
+    *,
+    label_smoothing: float,
     smoothing: float,
 ) -> LRRangeTest:
-    """The range test itself: one batch per lr, cycling the loader when it is shorter than `steps`."""
-    scaler = grad_scaler(device, precision)
-    mean, std = loader.dataset.mean, loader.dataset.std
-    gamma = (end_lr / start_lr) ** (1 / max(1, steps - 1))
-    lrs, losses, average, best = [], [], 0.0, math.inf
+    """The range test itself: one batch per lr, cycling a loader shorter than `lrs`; stops at divergence."""
+    device = next(model.parameters()).device
+    scaler, stats = grad_scaler(device, precision), batch_statistics(loader)
+    tried, losses, average, best = [], [], 0.0, math.inf
     batches = iter(())
     model.train()
-    for step in range(steps):
+    for step, lr in enumerate(lrs):
         try:
             images, labels = next(batches)
         except StopIteration:  # small loaders are cycled
             batches = iter(loader)
             images, labels = next(batches)
-        lr = start_lr * gamma**step
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast(device, precision.dtype):
-            loss = F.cross_entropy(model(normalize(images.to(device), mean, std)), labels.to(device))
-        optimizer_step(loss, optimizer, scaler)
+        x, y = to_input(images, device, stats), labels.to(device)
+        loss, _, _ = train_step(
+            model, x, y, optimizer, dtype=precision.dtype, label_smoothing=label_smoothing, scaler=scaler
+        )
         value = loss.item()
         if not math.isfinite(value):
             break
         average = smoothing * average + (1 - smoothing) * value
         smoothed = average / (1 - smoothing ** (step + 1))  # bias-corrected running mean
-        lrs.append(lr)
+        tried.append(lr)
         losses.append(smoothed)
         best = min(best, smoothed)
         if smoothed > 4 * best:
             break
-    return LRRangeTest(lrs, losses)
+    return LRRangeTest(tried, losses)

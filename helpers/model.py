@@ -12,6 +12,7 @@ import copy
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn as nn
@@ -153,9 +154,13 @@ def classify(
     classes: Sequence[str] = CLASSES,
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
+    size: tuple[int, int] = (32, 32),
+    resize: bool = False,
 ) -> tuple[str, dict[str, float]]:
     """One uint8 H x W x C image (or an image file) -> (predicted class, probability of each class).
 
+    size: the (height, width) the network was trained on; another size is refused, or with resize=True
+    shrunk to it (area interpolation), since a fully convolutional net would answer for any size, wrongly.
     Runs in eval mode (and restores the model's mode): BatchNorm must use its running statistics.
     """
     if isinstance(image, (str, Path)):
@@ -164,6 +169,13 @@ def classify(
         image = np.asarray(Image.open(image).convert("RGB" if len(mean) == 3 else "L"))
         image = image[..., None] if image.ndim == 2 else image
     check_images(image[None])
+    if image.shape[:2] != tuple(size):
+        if not resize:
+            raise ValueError(
+                f"the image is {image.shape[0]}x{image.shape[1]} but the network takes {size[0]}x{size[1]}: "
+                "pass resize=True to shrink it, or resize it yourself"
+            )
+        image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA).reshape(*size, image.shape[-1])
     p = next(model.parameters())
     was_training = model.training
     try:

@@ -103,7 +103,8 @@ def training_log(m: dict[str, Any]) -> str:
         "",
         f"{kind}: `{c['source']}`, {m['date']}, on {m['device']} ({m['precision']}), torch {m['torch']}.",
         "",
-        f"Recipe: {r['epochs']} epochs, batch {r['batch_size']}, one-cycle peak lr {r['max_lr']} "
+        f"Recipe: {r['epochs']} epoch{'s' if r['epochs'] != 1 else ''}, batch {r['batch_size']}, "
+        f"one-cycle peak lr {r['max_lr']} "
         f"(warm-up {r['warmup_fraction']:.0%}), SGD Nesterov momentum {r['momentum']}, "
         f"weight decay {r['weight_decay']}, label smoothing {r['label_smoothing']}, seed {r['seed']}, "
         f"widths {r['widths']} (the whole recipe is in metrics.json). "

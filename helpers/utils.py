@@ -6,6 +6,7 @@ Every plot takes the class names (CIFAR-10's by default) and says only what the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from copy import deepcopy
 from pathlib import Path
 
 import albumentations as A
@@ -114,7 +115,9 @@ def plot_lr_range_test(
     """Smoothed loss against learning rate (log scale), with the steepest-descent suggestion and `chosen_lr`."""
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(result.lrs, result.losses)
-    ax.axvline(result.steepest, color="tab:orange", linestyle="--", label=f"steepest descent: {result.steepest:.3g}")
+    if int(np.argmin(result.losses)) >= 2:  # else the loss never fell and there is no steepest descent to mark
+        steepest = result.steepest
+        ax.axvline(steepest, color="tab:orange", linestyle="--", label=f"steepest descent: {steepest:.3g}")
     ax.axvline(result.minimum, color="tab:red", linestyle=":", label=f"lowest loss: {result.minimum:.3g}")
     if chosen_lr is not None:
         ax.axvline(chosen_lr, color="tab:green", label=f"peak used: {chosen_lr:g}")
@@ -160,16 +163,22 @@ def gradcam(
 ) -> np.ndarray:
     """GradCAM heatmaps (N x H x W, 0..1) of `targets` classes at `layer`, with the grad-cam package, in fp32.
 
-    Always fp32 and outside autocast, whatever the training precision: grad-cam fails under bf16 autocast.
+    Runs on an fp32, eval-mode copy of the model (grad-cam fails under bf16), so the caller's model keeps
+    its dtype, mode and device.
     """
     from pytorch_grad_cam import GradCAM  # noqa: PLC0415 - heavy (scikit-learn); only this function needs it
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: PLC0415
 
-    device = next(model.parameters()).device
-    was_training = model.training
-    x = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device), mean, std).float()
+    if len(images) == 0:
+        raise ValueError("no images to explain: GradCAM needs at least one")
+    names = [name for name, module in model.named_modules() if module is layer]
+    if not names:
+        raise ValueError("`layer` must be a module of `model` (e.g. model.c4), which the forward pass runs")
+    copy = deepcopy(model).float().eval()
+    device = next(copy.parameters()).device
+    x = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device), mean, std)
     # Not `with GradCAM(...)`: its __exit__ swallows an IndexError and the call then returns None.
-    cam = GradCAM(model=model.float().eval(), target_layers=[layer])
+    cam = GradCAM(model=copy, target_layers=[copy.get_submodule(names[0])])
     try:
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
     except IndexError as err:
@@ -179,7 +188,6 @@ def gradcam(
         ) from err
     finally:
         cam.activations_and_grads.release()
-        model.train(was_training)
 
 
 def _num_outputs(model: nn.Module, x: torch.Tensor) -> int:
@@ -201,10 +209,18 @@ def plot_gradcam(
     count: int = 10,
     path: str | Path | None = None,
 ) -> plt.Figure:
-    """Misclassified images beside the GradCAM of the predicted class: where the network looked when wrong."""
+    """Misclassified images beside the GradCAM of the predicted class: where the network looked when wrong.
+
+    With no mistakes, a figure that says so (and no GradCAM).
+    """
     from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: PLC0415
 
     wrong = misclassified(labels, predictions, count)
+    if not wrong:
+        fig, ax = plt.subplots(figsize=(6, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no misclassified images among {len(labels)}: nothing to explain", ha="center")
+        return save(fig, path)
     heatmaps = gradcam(
         model, images[wrong], targets=[int(predictions[i]) for i in wrong], layer=layer, mean=mean, std=std
     )

@@ -10,6 +10,7 @@ import torch
 from helpers import backprop as B
 from helpers import checkpoint as C
 from helpers.dataset import make_loaders, normalize
+from helpers.device import Precision
 from helpers.lr_finder import LRRangeTest
 from helpers.model import Net
 
@@ -174,3 +175,73 @@ def test_fit_reports_flip_tta_beside_the_plain_accuracy(small):
     assert result.tta_accuracy == B.score(result.tta_logits, result.labels)[1]
     assert result.history[-1]["test_acc"] == B.score(result.logits, result.labels)[1]
     assert B.fit(Net(), *small(), 1, device=CPU, tta=False).tta_accuracy is None
+
+
+def _interrupted(monkeypatch, in_epoch: int):
+    """Make train raise KeyboardInterrupt in epoch `in_epoch`, as a runtime reset would; returns the undo."""
+    real_train, calls = B.train, []
+
+    def train(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == in_epoch:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(B, "train", train)
+    return lambda: monkeypatch.setattr(B, "train", real_train)
+
+
+def _epoch_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("epoch ")]
+
+
+def test_a_resumed_run_prints_every_epoch_once_in_order_restored_ones_marked(small, tmp_path, monkeypatch, capsys):
+    undo = _interrupted(monkeypatch, in_epoch=3)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(small(), epochs=4, checkpoint=tmp_path / "run.pt", tta=False)
+    undo()
+    capsys.readouterr()
+    _, history = _fit(small(), epochs=4, checkpoint=tmp_path / "run.pt", tta=False)
+    lines = _epoch_lines(capsys.readouterr().out)
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert [line.endswith("(restored)") for line in lines] == [True, True, False, False]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+def test_a_resume_on_another_precision_says_so_and_goes_on(small, tmp_path, monkeypatch, capsys):
+    fp32, bf16 = Precision(None, "fp32 for the test"), Precision(torch.bfloat16, "bf16 for the test")
+    undo = _interrupted(monkeypatch, in_epoch=2)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(small(), epochs=2, checkpoint=tmp_path / "run.pt", tta=False, precision=fp32)
+    undo()
+    capsys.readouterr()
+    _, history = _fit(small(), epochs=2, checkpoint=tmp_path / "run.pt", tta=False, precision=bf16)
+    out = capsys.readouterr().out
+    assert "the checkpoint was made on" in out and "(fp32: fp32 for the test); this run goes on on" in out
+    assert "(bf16 autocast: bf16 for the test)" in out and len(history) == 2
+
+
+def test_the_schedule_refuses_to_step_past_its_end_instead_of_training_at_lr_0():
+    opt = B.make_optimizer(Net(), 0.2)
+    sched = B.make_scheduler(opt, 4)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0  # the end of the cycle
+    with pytest.raises(B.ScheduleExhaustedError, match="built for 4 steps"):
+        sched.step()
+
+
+def test_fit_refuses_a_schedule_too_short_for_its_epochs_before_training(small, monkeypatch):
+    loaders = small()
+    model = Net()
+    sgd = B.make_optimizer(model)
+    one_cycle = B.make_scheduler(sgd, 2 * len(loaders[0]))
+    B.fit(model, *loaders, 2, optimizer=sgd, scheduler=one_cycle, device=CPU, tta=False)
+    monkeypatch.setattr(B, "train", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(B.ScheduleExhaustedError, match="0 of its 8 steps left but this fit takes 8"):
+        B.fit(model, *loaders, 2, optimizer=sgd, scheduler=one_cycle, device=CPU)  # a second fit, same schedule
+    adam = torch.optim.Adam(model.parameters())
+    short = torch.optim.lr_scheduler.OneCycleLR(adam, max_lr=0.01, total_steps=len(loaders[0]))
+    with pytest.raises(B.ScheduleExhaustedError, match="4 of its 4 steps left but this fit takes 12"):
+        B.fit(model, *loaders, 3, optimizer=adam, scheduler=short, device=CPU)

@@ -3,6 +3,9 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from helpers.recipe import RECIPE
 from helpers.results import write_results
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--quick", "--workers", "0"]
 
 
@@ -28,7 +32,7 @@ def no_data_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("data was loaded before the settings were checked")
 
-    monkeypatch.setattr(train, "make_loaders", refuse)
+    monkeypatch.setattr(ds, "make_loaders", refuse)  # train.run imports it from helpers.dataset when it starts
 
 
 @pytest.fixture
@@ -40,12 +44,14 @@ def cli(cifar_root, monkeypatch):
 @pytest.mark.parametrize(
     "flags, complaint",
     [
-        (["--lr", "nan"], "--lr: .*finite"),
+        (["--lr", "nan"], "--lr: must be a finite number above 0, got 'nan'"),
         (["--lr", "-1"], "--lr: .*above 0"),
-        (["--epochs", "0"], "--epochs: .*at least 1"),
-        (["--epochs", "-1"], "--epochs: .*at least 1"),
-        (["--batch-size", "0"], "--batch-size: .*at least 1"),
-        (["--workers", "-1"], "--workers: .*0 or more"),
+        (["--lr", "fast"], "--lr: must be a finite number above 0, got 'fast'"),
+        (["--epochs", "0"], "--epochs: must be a whole number >= 1, got '0'"),
+        (["--epochs", "abc"], "--epochs: must be a whole number >= 1, got 'abc'"),
+        (["--epochs", "2.5"], "--epochs: must be a whole number >= 1, got '2.5'"),
+        (["--batch-size", "0"], "--batch-size: must be a whole number >= 1"),
+        (["--workers", "-1"], "--workers: must be a whole number >= 0, got '-1'"),
     ],
 )
 def test_bad_settings_are_refused_before_any_data_is_loaded(flags, complaint, no_data_loading, capsys):
@@ -53,6 +59,14 @@ def test_bad_settings_are_refused_before_any_data_is_loaded(flags, complaint, no
         train.main(QUICK + flags)
     assert exit_.value.code == 2
     assert re.search(complaint, capsys.readouterr().err)
+
+
+def test_arguments_are_refused_before_torch_is_imported():
+    code = "import sys, train\ntry:\n    train.main(['--epochs', 'abc'])\nexcept SystemExit:\n"
+    code += "    print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    assert "--epochs: must be a whole number >= 1, got 'abc'" in done.stderr
 
 
 def test_quick_with_epochs_runs_the_epochs_asked_for(cli, tmp_path):

@@ -1,14 +1,16 @@
 """The LR range test keeps torch-lr-finder's contract: it trains the model with the optimizer instance it is
-given, and afterwards both are exactly as before; a factory gives the same curve."""
+given, and afterwards both are exactly as before; a factory gives the same curve; it sweeps the training's
+loss, and a curve that never falls or a non-finite first loss gets a clear message."""
 
 import copy
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from helpers.backprop import seed_everything
 from helpers.dataset import make_loaders
-from helpers.lr_finder import lr_range_test
+from helpers.lr_finder import LRRangeTest, lr_range_test
 from helpers.model import Net
 
 CPU = torch.device("cpu")
@@ -44,3 +46,27 @@ def test_an_instance_gives_the_curve_a_factory_gives(loader):
         Net(NARROW), loader, lambda m: torch.optim.Adam(m.parameters()), start_lr=1e-4, end_lr=1.0, steps=40, device=CPU
     )
     assert instance.losses == factory.losses and instance.lrs == factory.lrs
+
+
+def test_a_loss_that_never_falls_has_no_steepest_descent_and_says_so():
+    rising = LRRangeTest(lrs=[1e-3, 1e-2, 1e-1, 1.0], losses=[2.0, 2.1, 2.5, 4.0])
+    assert rising.minimum == 1e-3
+    with pytest.raises(ValueError, match="lowest at step 1 of 4.*never fell.*start_lr"):
+        _ = rising.steepest
+
+
+def test_a_non_finite_first_loss_is_a_clear_error_not_an_empty_curve():
+    nan_images = torch.full((8, 3, 32, 32), float("nan"))
+    loader = DataLoader(TensorDataset(nan_images, torch.zeros(8, dtype=torch.long)), batch_size=4)
+    model = Net(NARROW)
+    with pytest.raises(ValueError, match="first loss, at lr 0.0001, was not finite: check the inputs for NaN"):
+        lr_range_test(model, loader, start_lr=1e-4, steps=5, device=CPU)
+
+
+def test_the_sweep_measures_the_training_loss_label_smoothing_included(loader):
+    curves = {}
+    for smoothing in (0.0, 0.1):
+        seed_everything(0)
+        curves[smoothing] = lr_range_test(Net(NARROW), loader, label_smoothing=smoothing, steps=3, device=CPU)
+    # same weights, same first batch: the first point differs only by the loss the sweep computes
+    assert curves[0.1].losses[0] != pytest.approx(curves[0.0].losses[0], abs=1e-4)

@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from helpers.backprop import make_optimizer, optimizer_step, seed_everything
-from helpers.dataset import ImageData, cifar10, default_workers, make_loaders, normalize, subset, train_transforms
-from helpers.device import Precision, autocast, grad_scaler, hardware, pick_device, precision_policy
+from helpers.backprop import batch_statistics, make_optimizer, seed_everything, to_input, train_step
+from helpers.dataset import ImageData, cifar10, default_workers, make_loaders, subset, train_transforms
+from helpers.device import Precision, grad_scaler, hardware, pick_device, precision_policy
 from helpers.model import Net
 
 DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -82,9 +81,7 @@ def trainer(
     optimizer, scaler = make_optimizer(model, lr=0.01), grad_scaler(device, precision)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with autocast(device, precision.dtype):
-            loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)), y)
-        optimizer_step(loss, optimizer, scaler)
+        train_step(model, x.contiguous(memory_format=fmt), y, optimizer, dtype=precision.dtype, scaler=scaler)
 
     return step
 
@@ -113,18 +110,13 @@ def step_rate(
 
 def epoch_seconds(loader: DataLoader, device: torch.device, precision: Precision) -> float:
     """Wall seconds of one training epoch over a loader (uint8 batches normalized on the device), after a warm-up."""
-    step = trainer(device, precision)
-
-    def to_input(images: torch.Tensor) -> torch.Tensor:
-        images = images.to(device, non_blocking=True)
-        return normalize(images) if images.dtype == torch.uint8 else images
-
+    step, stats = trainer(device, precision), batch_statistics(loader)
     images, labels = next(iter(loader))
-    step(to_input(images), labels.to(device))  # warm-up outside the timer
+    step(to_input(images, device, stats), labels.to(device))  # warm-up outside the timer
     synchronize(device)
     start = time.perf_counter()
     for images, labels in loader:
-        step(to_input(images), labels.to(device, non_blocking=True))
+        step(to_input(images, device, stats), labels.to(device, non_blocking=True))
     synchronize(device)
     return time.perf_counter() - start
 

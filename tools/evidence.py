@@ -66,12 +66,12 @@ def summarize(name: str, runs: list[dict]) -> str:
     )
 
 
-def execute_notebook(quick: bool) -> float:
-    """Run S9.ipynb top to bottom in place (quick mode: into a copy); return its wall seconds."""
+def execute_notebook(quick: bool, copy_folder: Path) -> float:
+    """Run S9.ipynb top to bottom in place (quick mode: into a copy in `copy_folder`); return its wall seconds."""
     env = dict(os.environ, TQDM_DISABLE="1", S9_QUICK="1" if quick else "0")
     env.pop("MPLBACKEND", None)  # the notebook's own inline backend, so its figures are saved in it
     start = time.perf_counter()
-    target = ["--output", "/tmp/S9.quick.ipynb"] if quick else ["--inplace"]
+    target = ["--output", str(copy_folder / "S9.quick.ipynb")] if quick else ["--inplace"]
     command = "from nbclient.cli import main; main()"
     subprocess.run(
         [sys.executable, "-c", command, *target, "--timeout", str(NOTEBOOK_TIMEOUT_S), "S9.ipynb"],
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in a.steps:
             rows.append(summarize(name, run_seeds(name, folder, a.quick)))
     if "notebook" in a.steps:
-        notes.append(f"S9.ipynb executed top to bottom in {execute_notebook(a.quick):.0f} s.")
+        notes.append(f"S9.ipynb executed top to bottom in {execute_notebook(a.quick, folder):.0f} s.")
     summary = "\n".join(
         [
             f"# Evidence: {header}, {time.strftime('%Y-%m-%d')}",

@@ -1,0 +1,115 @@
+"""S10 and S11 as most students build them: torchvision's CIFAR10 with ToTensor + Normalize, a plain shuffled
+DataLoader and torchvision's ResNet18, through fit, the LR range test and GradCAM, on the real data."""
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+import torchvision
+import torchvision.transforms as T
+from torch.utils.data import DataLoader, Subset
+
+from helpers import backprop as B
+from helpers import dataset as ds
+from helpers import utils
+from helpers.lr_finder import lr_range_test
+
+CPU = torch.device("cpu")
+TRAIN_IMAGES, TEST_IMAGES = 2048, 512
+
+
+@pytest.fixture(scope="module")
+def splits(cifar_root):
+    """torchvision's CIFAR10 as the course builds it: ToTensor + Normalize, float N x C x H x W batches."""
+    transform = T.Compose([T.ToTensor(), T.Normalize(ds.CIFAR10_MEAN, ds.CIFAR10_STD)])
+    train = torchvision.datasets.CIFAR10(str(cifar_root), train=True, download=True, transform=transform)
+    test = torchvision.datasets.CIFAR10(str(cifar_root), train=False, download=True, transform=transform)
+    return Subset(train, range(TRAIN_IMAGES)), Subset(test, range(TEST_IMAGES))
+
+
+def resnet18() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def test_fit_trains_torchvision_resnet18_from_a_plain_shuffled_dataloader(splits, tmp_path):
+    train_loader = DataLoader(splits[0], batch_size=128, shuffle=True)
+    test_loader = DataLoader(splits[1], batch_size=256)
+    model = resnet18()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    result = B.fit(model, train_loader, test_loader, 3, optimizer=sgd, scheduler=None, device=CPU)
+    losses = [h["train_loss"] for h in result.history]
+    print(f"train losses {losses}, test accuracy {[h['test_acc'] for h in result.history]}")
+    assert losses[-1] < losses[0]
+    assert result.logits.shape == (TEST_IMAGES, 10) and result.history[-1]["test_acc"] > 15  # chance: 10%
+    assert result.tta_accuracy is not None
+
+
+def test_lr_range_test_sweeps_resnet18_with_adam_on_torchvision_batches_and_restores_it(splits):
+    loader = DataLoader(splits[0], batch_size=64, shuffle=True)
+    model = resnet18()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sweep = lr_range_test(model, loader, optimizer=adam, start_lr=1e-5, end_lr=1.0, steps=24, device=CPU)
+    assert len(sweep.lrs) == len(sweep.losses) > 10 and sweep.lrs[0] == pytest.approx(1e-5)
+    assert min(sweep.losses) < sweep.losses[0]  # it learned at some rate
+    assert sweep.lrs[0] < sweep.steepest < sweep.lrs[-1]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_gradcam_explains_resnet18_mistakes_and_leaves_the_model_as_it_was(splits, cifar_root, tmp_path):
+    images = ds.load_cifar10(False, cifar_root).data[:TEST_IMAGES]  # uint8 pictures of the same test images
+    test_loader = DataLoader(splits[1], batch_size=256)
+    model = resnet18().to(torch.bfloat16)
+    logits, labels = B.predict(model, test_loader, device=CPU, dtype=torch.bfloat16)
+    model.train()  # as a student might hold it mid-training: bf16 weights, train mode
+    fig = utils.plot_gradcam(
+        model,
+        images,
+        labels=labels,
+        predictions=logits.argmax(1),
+        layer=model.layer4[-1],
+        count=4,
+        path=tmp_path / "g.png",
+    )
+    assert sum(ax.get_title().startswith("GradCAM of pred: ") for ax in fig.axes) == 4
+    plt.close(fig)
+    assert model.training and all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_gradcam_with_no_mistakes_says_so_instead_of_calling_grad_cam(cifar_root, monkeypatch, tmp_path):
+    images = ds.load_cifar10(False, cifar_root).data[:8]
+    labels = torch.arange(8) % 10
+    with pytest.raises(ValueError, match="no images"):
+        utils.gradcam(resnet18(), images[:0], targets=[], layer=None)
+    monkeypatch.setattr(utils, "gradcam", lambda *a, **k: pytest.fail("grad-cam was handed an empty batch"))
+    fig = utils.plot_gradcam(resnet18(), images, labels=labels, predictions=labels, layer=None, path=tmp_path / "n.png")
+    assert "no misclassified images among 8" in fig.axes[0].texts[0].get_text()
+    plt.close(fig)
+
+
+def test_a_subset_of_the_kits_dataset_in_a_plain_dataloader_is_normalized_with_its_statistics(cifar_root):
+    data = ds.cifar10(cifar_root)
+    dataset = ds.ImageDataset(data.test_images[:256], data.test_labels[:256], mean=(0.5,) * 3, std=(0.25,) * 3)
+    loader = DataLoader(Subset(dataset, range(128)), batch_size=64, shuffle=True)  # per-image uint8, default collate
+    assert B.batch_statistics(loader) == ((0.5,) * 3, (0.25,) * 3)
+    images, _ = next(iter(loader))
+    x = B.to_input(images, CPU, B.batch_statistics(loader))
+    assert x.shape == (64, 3, 32, 32) and torch.allclose(x, (images.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25, atol=1e-5)
+
+
+def test_uint8_batches_without_statistics_get_a_clear_error():
+    loader = DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 32, 32, 3, dtype=torch.uint8), torch.zeros(4)))
+    with pytest.raises(ValueError, match="no .mean/.std.*Normalize"):
+        B.to_input(next(iter(loader))[0], CPU, B.batch_statistics(loader))
+
+
+def test_classify_refuses_or_resizes_an_image_of_another_size(cifar_root):
+    from helpers import model as M
+
+    net = M.Net().eval()
+    photo = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="224x224 but the network takes 32x32: pass resize=True"):
+        M.classify(net, photo)
+    name, probabilities = M.classify(net, photo, resize=True)
+    assert name in ds.CLASSES and sum(probabilities.values()) == pytest.approx(1)
