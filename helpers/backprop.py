@@ -263,6 +263,7 @@ class FitResult:
     train_images: int
     hardware: str
     precision: str
+    evaluated_on: str = "test"  # the split the logits and every epoch's test_* numbers are on ("validation": held out)
 
     @property
     def predictions(self) -> torch.Tensor:
@@ -329,15 +330,15 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
             return
 
 
-def epoch_line(h: dict[str, float], epochs: int, note: str = "") -> str:
+def epoch_line(h: dict[str, float], epochs: int, note: str = "", split: str = "test") -> str:
     """One epoch of the log, as fit prints it (note: e.g. the fp16 loss scale, or '(restored)')."""
     return (
         f"epoch {int(h['epoch']):>3}/{epochs}  lr {h['lr']:.3g}  train {h['train_loss']:.3f} / {h['train_acc']:.2f}%  "
-        f"test {h['test_loss']:.3f} / {h['test_acc']:.2f}%  {h['train_seconds']:.1f}s{note}"
+        f"{split} {h['test_loss']:.3f} / {h['test_acc']:.2f}%  {h['train_seconds']:.1f}s{note}"
     )
 
 
-def _resume(checkpoint: Path, run: dict, machine: dict, epochs: int, *states: Any) -> list[dict[str, float]]:
+def _resume(checkpoint: Path, run: dict, machine: dict, epochs: int, split: str, *states: Any) -> list[dict]:
     """Restore the run, say so (and what machine changed), and print the restored epochs' lines."""
     history, saved_on = resume_run(checkpoint, run, *states)
     tqdm.write(f"resuming from epoch {len(history)} of {epochs} ({checkpoint})")
@@ -347,7 +348,7 @@ def _resume(checkpoint: Path, run: dict, machine: dict, epochs: int, *states: An
             f"this run goes on on {machine['hardware']} ({machine['precision']})"
         )
     for h in history:
-        tqdm.write(epoch_line(h, epochs, "  (restored)"))
+        tqdm.write(epoch_line(h, epochs, "  (restored)", split))
     return history
 
 
@@ -390,9 +391,10 @@ def fit(
     settings = {**(signature or {}), "epochs": epochs, "label_smoothing": label_smoothing}
     run = run_signature(model, train_loader, optimizer, scheduler, **settings, steps_per_epoch=len(train_loader))
     machine = {"hardware": hardware(device), "precision": str(precision)}
+    split = getattr(test_loader.dataset, "split", "test")  # "validation" for make_loaders(data=hold_out(...))
     history = []
     if checkpoint is not None and Path(checkpoint).exists():
-        history = _resume(Path(checkpoint), run, machine, epochs, model, optimizer, scheduler, scaler)
+        history = _resume(Path(checkpoint), run, machine, epochs, split, model, optimizer, scheduler, scaler)
     check_schedule(scheduler, (epochs - len(history)) * len(train_loader))
     logits = labels = None
     step_settings = {"device": device, "dtype": precision.dtype, "label_smoothing": label_smoothing, "scaler": scaler}
@@ -409,15 +411,14 @@ def fit(
         history.append(
             record | {"test_acc": test_acc, "train_seconds": train_seconds, "seconds": time.perf_counter() - start}
         )
-        tqdm.write(epoch_line(history[-1], epochs, scale))
+        tqdm.write(epoch_line(history[-1], epochs, scale, split))
         if checkpoint is not None:
             save_run(checkpoint, run, history, machine, model, optimizer, scheduler, scaler)
     if logits is None:  # resumed a finished run: evaluate the restored weights once
         logits, labels = predict(model, test_loader, device=device, dtype=precision.dtype)
     tta_logits = predict(model, test_loader, device=device, dtype=precision.dtype, tta=True)[0] if tta else None
-    return FitResult(
-        history, logits, labels, tta_logits, len(train_loader.dataset), machine["hardware"], str(precision)
-    )
+    images = len(train_loader.dataset)
+    return FitResult(history, logits, labels, tta_logits, images, machine["hardware"], str(precision), split)
 
 
 def fit_recipe(

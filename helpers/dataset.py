@@ -52,7 +52,8 @@ class ImageData:
     """A labelled image-classification dataset in memory: what make_loaders takes.
 
     Images are uint8 N x H x W x C arrays; mean/std (0..1 scale, per channel) are computed from the
-    train images when not given.
+    train images when not given. `evaluation` names what the test_* split is: "test", or "validation"
+    for training images held out by `hold_out`.
     """
 
     train_images: np.ndarray
@@ -62,6 +63,7 @@ class ImageData:
     classes: tuple[str, ...]
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    evaluation: str = "test"
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -160,6 +162,22 @@ def cifar10(root: str | Path | None = None) -> ImageData:
     train, test = load_cifar10(True, root), load_cifar10(False, root)
     return ImageData(
         train.data, np.array(train.targets), test.data, np.array(test.targets), CLASSES, CIFAR10_MEAN, CIFAR10_STD
+    )
+
+
+def hold_out(data: ImageData, size: int, seed: int = 0) -> ImageData:
+    """The same data with a seeded `size` of its training images as the evaluation split, and no test set.
+
+    Choose between recipes on this validation split; score the test set once, for the chosen one. The
+    held-out images never train, and mean/std stay the full training split's (a statistic, not a choice).
+    """
+    if not 0 < size < len(data.train_images):
+        raise ValueError(f"hold out between 1 and {len(data.train_images) - 1} training images, got {size}")
+    order = np.random.default_rng(seed).permutation(len(data.train_images))
+    keep, held = np.sort(order[size:]), np.sort(order[:size])
+    images, labels = data.train_images, data.train_labels
+    return ImageData(
+        images[keep], labels[keep], images[held], labels[held], data.classes, data.mean, data.std, "validation"
     )
 
 
@@ -351,7 +369,8 @@ def make_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Train (augmented, shuffled) and test loaders yielding (uint8 N x H x W x C, labels).
 
-    data: any ImageData (default: CIFAR-10 from `root`); augment: the train transforms in uint8 space
+    data: any ImageData (default: CIFAR-10 from `root`; `hold_out(cifar10(), 5000)` makes the second loader
+    a validation loader of held-out training images); augment: the train transforms in uint8 space
     (default: the assignment's, filled with the data's mean colour). seed=None takes torch's seed, so
     seed_everything(seed) alone fixes order and augmentations too.
     """
@@ -372,6 +391,7 @@ def make_loaders(
             seed,
         )
         dataset = ImageDataset(images, labels, transform, data.mean, data.std, data.classes)
+        dataset.split = "train" if train else data.evaluation  # what fit calls the split it reports
         sampler = SeededBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed)
         splits.append(
             DataLoader(

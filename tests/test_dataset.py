@@ -181,3 +181,34 @@ def test_seed_everything_alone_fixes_the_augmented_batches(cifar_root):
     seed_everything(5)
     assert torch.equal(first_batch(None), first_batch(5))
     assert not torch.equal(first_batch(5), first_batch(6))
+
+
+def test_a_validation_split_is_held_out_of_the_training_images_and_never_trains(cifar_root):
+    ids = np.arange(1000)
+    images = np.zeros((1000, 4, 4, 3), dtype=np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = ids % 256, ids // 256  # each image names its index
+    toy = ds.ImageData(images, ids % 10, images[:10], np.arange(10), ds.CLASSES)
+    split = ds.hold_out(toy, 100, seed=0)
+    index = lambda im: set((im[:, 0, 0, 0].astype(int) + 256 * im[:, 0, 0, 1].astype(int)).tolist())  # noqa: E731
+    assert len(index(split.train_images)) == 900 and len(index(split.test_images)) == 100
+    assert index(split.train_images) | index(split.test_images) == set(range(1000))  # disjoint, nothing lost
+    assert index(ds.hold_out(toy, 100, seed=0).test_images) == index(split.test_images)  # seeded: one split
+    assert index(ds.hold_out(toy, 100, seed=1).test_images) != index(split.test_images)
+    data = ds.cifar10(cifar_root)
+    real = ds.hold_out(data, 5000, seed=0)
+    assert real.evaluation == "validation" and (len(real.train_images), len(real.test_images)) == (45_000, 5000)
+    assert (real.mean, real.std) == (data.mean, data.std) and np.bincount(real.test_labels).min() > 400
+    with pytest.raises(ValueError, match="hold out between 1 and 49999"):
+        ds.hold_out(data, 50_000)
+
+
+def test_fit_reports_a_held_out_split_as_validation(cifar_root, capsys):
+    from helpers import backprop as B
+    from helpers.model import Net
+
+    split = ds.hold_out(ds.cifar10(cifar_root), 128, seed=0)
+    loaders = ds.make_loaders(64, seed=0, num_workers=0, train_size=128, data=split)
+    assert loaders[1].dataset.split == "validation" and len(loaders[1].dataset) == 128
+    result = B.fit(Net((8, 8, 16, 16)), *loaders, 1, device=torch.device("cpu"), tta=False)
+    assert result.evaluated_on == "validation"
+    assert " validation " in capsys.readouterr().out

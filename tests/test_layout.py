@@ -39,4 +39,4 @@ def test_the_plain_training_epoch_a_student_copies_is_at_most_40_lines():
     (train,) = [f for f in _functions(ROOT / "helpers" / "backprop.py") if f.name == "train"]
     assert train.end_lineno - train.lineno + 1 <= 40
     body = ast.unparse(train)
-    assert "normalize(" in body and "isfinite" in body  # the normalize is explicit; one finiteness check
+    assert "to_input(" in body and "isfinite" in body  # the batch contract in one call; one finiteness check

@@ -21,6 +21,7 @@ from helpers.model import Net
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
+PINNED = ["albumentations==2.0.8", "torchsummary==1.5.1", "grad-cam==1.5.7"]  # what helpers/ is tested with
 
 
 def _fake_gpu(monkeypatch, name, capability):
@@ -224,10 +225,10 @@ print("imported from", helpers.__file__)
     return out.stdout, log.read_text() if log.exists() else ""
 
 
-def test_the_colab_setup_cell_clones_the_repository_and_installs_what_is_missing(tmp_path):
+def test_the_colab_setup_cell_clones_the_repository_and_installs_the_pinned_versions(tmp_path):
     clone = tmp_path / "origin"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    placeholder = 'REPO_URL = "https://github.com/<you>/S9.git"'
+    placeholder = 'REPO_URL = "https://github.com/your-user/S9.git"'
     cell = _setup_cell()
     assert placeholder in cell
     content = tmp_path / "content"  # Colab's working folder
@@ -236,10 +237,10 @@ def test_the_colab_setup_cell_clones_the_repository_and_installs_what_is_missing
         cell.replace(placeholder, f"REPO_URL = {str(clone)!r}"), content, tmp_path, "grad-cam"
     )
     assert f"imported from {content / 'S9' / 'helpers' / '__init__.py'}" in out
-    assert pip.split() == ["-q", "grad-cam==1.5.7"], "only what is missing (Colab has no grad-cam) is installed"
+    assert pip.split() == ["-q", *PINNED], "the versions helpers/ is tested with (pip skips what Colab has)"
 
 
-def test_the_colab_setup_cell_unzips_an_uploaded_helpers_zip_and_installs_what_is_missing(tmp_path):
+def test_the_colab_setup_cell_unzips_an_uploaded_helpers_zip_and_installs_the_pinned_versions(tmp_path):
     content = tmp_path / "content"
     content.mkdir()
     with zipfile.ZipFile(content / "helpers.zip", "w") as archive:  # what Compress / Send to zip makes
@@ -247,4 +248,4 @@ def test_the_colab_setup_cell_unzips_an_uploaded_helpers_zip_and_installs_what_i
             archive.write(path, f"helpers/{path.name}")
     out, pip = _run_in_fake_colab(_setup_cell(), content, tmp_path, "grad-cam torchsummary")
     assert f"imported from {content / 'helpers' / '__init__.py'}" in out
-    assert sorted(pip.split()) == ["-q", "grad-cam==1.5.7", "torchsummary==1.5.1"]
+    assert pip.split() == ["-q", *PINNED]

@@ -95,7 +95,9 @@ def test_a_subset_of_the_kits_dataset_in_a_plain_dataloader_is_normalized_with_i
     assert B.batch_statistics(loader) == ((0.5,) * 3, (0.25,) * 3)
     images, _ = next(iter(loader))
     x = B.to_input(images, CPU, B.batch_statistics(loader))
-    assert x.shape == (64, 3, 32, 32) and torch.allclose(x, (images.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25, atol=1e-5)
+    assert x.shape == (64, 3, 32, 32) and torch.allclose(
+        x, (images.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25, atol=1e-5
+    )
 
 
 def test_uint8_batches_without_statistics_get_a_clear_error():

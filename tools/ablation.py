@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from helpers.backprop import fit_recipe, seed_everything  # noqa: E402
-from helpers.dataset import augmentations, cifar10, make_loaders  # noqa: E402
+from helpers.dataset import augmentations, cifar10, hold_out, make_loaders  # noqa: E402
 from helpers.device import hardware, pick_device, precision_policy  # noqa: E402
 from helpers.model import Net, count_parameters  # noqa: E402
 from helpers.receptive_field import count_macs, total_receptive_field  # noqa: E402
@@ -70,6 +70,11 @@ LEVERS = (
     Variant("widths 24-48-112-128", "none", recipe={"widths": (24, 48, 112, 128)}),  # 191,922 params, 10% fewer MACs
     Variant("ShiftScaleRotate p=0.25", "none", recipe={"shift_scale_rotate_p": 0.25}),
     Variant("weight decay 2.5e-4", "none", recipe={"weight_decay": 2.5e-4}),
+    Variant(
+        "CoarseDropout p=0.25 + widths 24-48-112-128",
+        "none",
+        recipe={"coarse_dropout_p": 0.25, "widths": (24, 48, 112, 128)},
+    ),
 )
 BY_NAME = {v.name: v for v in VARIANTS + LEVERS}  # table order: the ablation's variants, then the levers
 
@@ -94,6 +99,7 @@ def train_variant(variant: Variant, base: Recipe, seed: int, sizes: tuple, data:
         "variant": variant.name,
         "breaks": variant.breaks,
         "seed": seed,
+        "evaluated_on": result.evaluated_on,  # "validation" with --validation: what recipe choices read
         "test_acc": result.history[-1]["test_acc"],
         "test_acc_tta": result.tta_accuracy,
         "params": count_parameters(model),
@@ -124,14 +130,16 @@ def train_speeds(names: list[str], batch_size: int, steps: int) -> dict[str, flo
 def table(rows: list[dict[str, Any]], speeds: dict[str, float], quick: bool) -> str:
     """The markdown table: one line per variant, accuracies averaged over its seeds."""
     first = rows[0]
+    split = first.get("evaluated_on", "test")  # rows from before validation splits existed are test-set rows
     lines = [
         "# Ablation: what each technique buys",
         "",
         f"{'QUICK path check, not a result. ' if quick else ''}Every variant: the shipped recipe with one change, "
-        f"{first['epochs']} epochs on {first['train_images']:,} train images, tested on {first['test_images']:,}; "
-        f"seeds {sorted({r['seed'] for r in rows})}; final epoch, never the best. {first['machine']}, {first['date']}.",
+        f"{first['epochs']} epochs on {first['train_images']:,} train images, evaluated on {first['test_images']:,} "
+        f"{split} images; seeds {sorted({r['seed'] for r in rows})}; final epoch, never the best. "
+        f"{first['machine']}, {first['date']}.",
         "",
-        "| variant | S9 rule it breaks | test acc % | flip TTA % | parameters | MACs / image | receptive field "
+        f"| variant | S9 rule it breaks | {split} acc % | flip TTA % | parameters | MACs / image | receptive field "
         "| s / epoch in its run | train images/s, timed together |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -157,7 +165,8 @@ def picture(rows: list[dict[str, Any]], path: Path) -> None:
     ax.bar_label(ax.containers[0], fmt="%.2f", fontsize=8)
     ax.axvline(accs[0] if names[0] == "shipped" else 0, color="grey", linestyle=":")
     schedule = f"{rows[0]['epochs']} epochs on {rows[0]['train_images']:,} train images, {rows[0]['date']}"
-    ax.set(xlabel="final-epoch test accuracy %", xlim=(min(accs) - 5, max(accs) + 3), title=f"Ablation: {schedule}")
+    split = rows[0].get("evaluated_on", "test")
+    ax.set(xlabel=f"final-epoch {split} accuracy %", xlim=(min(accs) - 5, max(accs) + 3), title=f"Ablation: {schedule}")
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
 
@@ -174,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=RECIPE.batch_size)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument(
+        "--validation",
+        type=int,
+        default=None,
+        help="hold out this many training images and evaluate on them instead of the test set: for choosing recipes",
+    )
+    p.add_argument(
         "--variants",
         nargs="+",
         default=[v.name for v in VARIANTS],
@@ -188,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     out, runs = Path(a.out), Path(a.out) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     data, rows = cifar10(), []
+    if a.validation:
+        data = hold_out(data, a.validation, seed=0)  # one split for every variant and seed
     print(f"ablation on {hardware(pick_device())}: {len(a.variants)} variants x seeds {a.seeds} -> {out}/", flush=True)
     for variant in (v for name, v in BY_NAME.items() if name in a.variants):
         for seed in a.seeds:
