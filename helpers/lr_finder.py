@@ -34,6 +34,11 @@ class LRRangeTest:
     losses: list[float]
 
     @property
+    def descends(self) -> bool:
+        """Whether the loss fell before its lowest point: without that, there is no steepest descent to read."""
+        return int(np.argmin(self.losses)) >= 2
+
+    @property
     def steepest(self) -> float:
         """The lr where the smoothed loss falls fastest (per log-lr step), before its lowest point.
 
@@ -41,7 +46,7 @@ class LRRangeTest:
         that descent is not learning, so it is not searched.
         """
         lowest = int(np.argmin(self.losses))
-        if lowest < 2:
+        if not self.descends:
             raise ValueError(
                 f"the loss was lowest at step {lowest + 1} of {len(self.losses)} (lr {self.lrs[lowest]:.3g}): it never "
                 "fell, so there is no steepest descent to read. Start lower (start_lr) or sweep more steps"

@@ -115,9 +115,10 @@ def plot_lr_range_test(
     """Smoothed loss against learning rate (log scale), with the steepest-descent suggestion and `chosen_lr`."""
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(result.lrs, result.losses)
-    if int(np.argmin(result.losses)) >= 2:  # else the loss never fell and there is no steepest descent to mark
-        steepest = result.steepest
-        ax.axvline(steepest, color="tab:orange", linestyle="--", label=f"steepest descent: {steepest:.3g}")
+    if result.descends:  # else there is no steepest descent to mark
+        ax.axvline(
+            result.steepest, color="tab:orange", linestyle="--", label=f"steepest descent: {result.steepest:.3g}"
+        )
     ax.axvline(result.minimum, color="tab:red", linestyle=":", label=f"lowest loss: {result.minimum:.3g}")
     if chosen_lr is not None:
         ax.axvline(chosen_lr, color="tab:green", label=f"peak used: {chosen_lr:g}")
@@ -174,17 +175,17 @@ def gradcam(
     names = [name for name, module in model.named_modules() if module is layer]
     if not names:
         raise ValueError("`layer` must be a module of `model` (e.g. model.c4), which the forward pass runs")
-    copy = deepcopy(model).float().eval()
-    device = next(copy.parameters()).device
+    fp32_model = deepcopy(model).float().eval()
+    device = next(fp32_model.parameters()).device
     x = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device), mean, std)
     # Not `with GradCAM(...)`: its __exit__ swallows an IndexError and the call then returns None.
-    cam = GradCAM(model=copy, target_layers=[copy.get_submodule(names[0])])
+    cam = GradCAM(model=fp32_model, target_layers=[fp32_model.get_submodule(names[0])])
     try:
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
     except IndexError as err:
         raise ValueError(
-            f"GradCAM failed ({err}): every target class must be below the model's {_num_outputs(model, x)} outputs, "
-            "and `layer` must be a module the forward pass runs (e.g. model.c4)"
+            f"GradCAM failed ({err}): every target class must be below the model's "
+            f"{_num_outputs(fp32_model, x)} outputs, and `layer` must be a module the forward pass runs (e.g. model.c4)"
         ) from err
     finally:
         cam.activations_and_grads.release()
