@@ -1,10 +1,9 @@
 """Train Net on CIFAR-10 headless and write the evidence: `python3 train.py` (`--help` for the options).
 
-Writes training_logs.md, and under the results folder metrics.json (the whole recipe included), the
-plots and s9_net.pt (a state_dict that Net() loads). Settings are checked and every output folder proven
-writable before any data is loaded (and the arguments before torch is even imported); a checkpoint after
-every epoch makes an interrupted run resume when the same command runs again, on this machine or another.
-Like nanoGPT's train.py: the library is in helpers/, this is the run.
+Writes training_logs.md, and under the results folder metrics.json (the whole recipe included), the plots
+and s9_net.pt (a state_dict that Net() loads). Settings are checked and every output folder proven writable
+before any data is loaded; a checkpoint after every epoch makes an interrupted run resume when the same
+command runs again, on this machine or another. Like nanoGPT's train.py: the library is in helpers/, this is the run.
 """
 
 from __future__ import annotations
@@ -19,7 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from helpers.recipe import QUICK_TEST_IMAGES, QUICK_TRAIN_IMAGES, RECIPE, SPEED_RECIPE, Recipe  # no torch: fast
+from helpers.backprop import DivergedError, fit, seed_everything
+from helpers.checkpoint import CheckpointError
+from helpers.dataset import DatasetNotFoundError, cifar10, make_loaders, subsample
+from helpers.device import hardware, pick_device, precision_policy
+from helpers.measure import count_parameters, format_receptive_field, receptive_field, total_receptive_field
+from helpers.model import Net
+from helpers.recipe import QUICK_TEST_IMAGES, QUICK_TRAIN_IMAGES, RECIPE, SPEED_RECIPE, Recipe
+from helpers.results import accuracy_line, save_plots, write_results
 
 RECIPES = {"shipped": RECIPE, "speed": SPEED_RECIPE}
 CHECKPOINT_NAME = "checkpoint.pt"  # the default checkpoint, inside the results folder (ignored by git)
@@ -44,25 +50,38 @@ def check_writable(*folders: str | Path) -> None:
 
 def run(recipe: Recipe, out: Path, log: Path, checkpoint: Path, quick: bool, workers: int | None, source: str) -> dict:
     """Check outputs, seed, load, build, train, evaluate and write everything; return the metrics."""
-    from helpers.backprop import fit_recipe, seed_everything  # torch: imported once the arguments are known good
-    from helpers.dataset import augmentations, make_loaders
-    from helpers.device import hardware, pick_device, precision_policy
-    from helpers.model import Net, count_parameters
-    from helpers.receptive_field import format_receptive_field, receptive_field, total_receptive_field
-    from helpers.results import save_plots, write_results
-
     check_writable(out, log.parent, checkpoint.parent)
     seed_everything(recipe.seed)
     device = pick_device()
-    sizes = (QUICK_TRAIN_IMAGES, QUICK_TEST_IMAGES) if quick else (None, None)
+    data = cifar10()
+    if quick:
+        data = subsample(data, train_images=QUICK_TRAIN_IMAGES, test_images=QUICK_TEST_IMAGES, seed=recipe.seed)
     train_loader, test_loader = make_loaders(
-        recipe.batch_size, recipe.seed, device, workers, *sizes, augment=augmentations(recipe)
+        data,
+        batch_size=recipe.batch_size,
+        augment=recipe.augmentations(data.mean),
+        seed=recipe.seed,
+        device=device,
+        num_workers=workers,
     )
     model = Net(recipe.widths)
     print(f"Net: {count_parameters(model):,} parameters, receptive field {total_receptive_field(model)}")
     print(f"on {hardware(device)}; precision: {precision_policy(device)}")
     print(format_receptive_field(receptive_field(model)))
-    result = fit_recipe(model, train_loader, test_loader, recipe, device=device, checkpoint=checkpoint)
+    optimizer, schedule = recipe.optimizer_and_schedule(model, len(train_loader))
+    result = fit(
+        model,
+        train_loader,
+        test_loader,
+        epochs=recipe.epochs,
+        optimizer=optimizer,
+        scheduler=schedule,
+        label_smoothing=recipe.label_smoothing,
+        device=device,
+        checkpoint=checkpoint,
+        config=recipe.record(),
+        tta=True,
+    )
     save_plots(result, test_loader.dataset.images, out)
     return write_results(model, result, recipe, out, log=log, source=source, quick=quick)
 
@@ -154,11 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or ("Results/quick" if a.quick else "Results"))
     log = out / "training_logs.md" if a.quick or a.out else Path("training_logs.md")
     checkpoint = Path(a.checkpoint or out / CHECKPOINT_NAME)
-    from helpers.backprop import DivergedError  # torch: imported once the arguments are known good
-    from helpers.checkpoint import CheckpointError
-    from helpers.dataset import DatasetNotFoundError
-    from helpers.results import accuracy_line
-
     try:
         m: dict[str, Any] = run(
             recipe, out, log, checkpoint, a.quick, a.workers, "python3 train.py " + shlex.join(argv)

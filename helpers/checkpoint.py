@@ -1,8 +1,8 @@
-"""Save, resume and refuse: a run killed at epoch k goes on from epoch k, and only the run it came from.
+"""Save and resume: a run killed at epoch k goes on from epoch k, bit for bit, and only the run it came from.
 
-A checkpoint holds the model, optimizer, scheduler, GradScaler, history, every RNG and the run's
-signature (network, data, augmentations, seed, optimizer groups, schedule, recipe). Every file is
-written to a temporary name and renamed, so a crash leaves the old file or the new one, never half.
+A checkpoint is one dict: the state of the model, optimizer, scheduler and GradScaler, every RNG, the epoch,
+the history, the machine, and the run's config (the recipe's record, the epochs and the data sizes). Every
+file is written to a temporary name and renamed, so a crash leaves the old file or the new one, never half.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
-from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "history", "run", "rng", "epoch"}
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "config", "machine"}
 
 
 class CheckpointError(RuntimeError):
@@ -28,6 +27,7 @@ class CheckpointError(RuntimeError):
 def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> None:
     """write(tmp_path) then rename: a crash leaves the old file or the new one, never half of one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -54,27 +54,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def run_signature(
-    model: nn.Module, train_loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any, **settings: Any
-) -> dict[str, Any]:
-    """Everything that decides a run, as plain values: a checkpoint resumes only the run it came from."""
-    sampler = train_loader.batch_sampler
-    return {
-        **settings,
-        "network": repr(model),  # layers and widths
-        "train_images": len(train_loader.dataset),
-        "batch_size": getattr(sampler, "batch_size", None),
-        "seed": getattr(sampler, "seed", None),
-        "augmentations": repr(getattr(train_loader.dataset, "transform", None)),
-        "optimizer": type(optimizer).__name__,  # and every hyperparameter of every group, as set at the start:
-        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-        "scheduler": type(scheduler).__name__ if scheduler is not None else None,
-    }
-
-
-def save_checkpoint(path: str | Path, **state: Any) -> None:
-    """Save atomically: a crash mid-save leaves the previous checkpoint whole, never half a file."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(path: str | Path, *, config: dict, machine: dict, history: list, **states: Any) -> None:
+    """After an epoch: the config, the history and the state of each object in `states` (None: not used)."""
+    state = {name: obj.state_dict() if obj is not None else {} for name, obj in states.items()}
+    state |= {"rng": rng_state(), "epoch": len(history), "history": history, "config": config, "machine": machine}
     write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -84,75 +67,42 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise CheckpointError(
-            f"{path} is not a readable checkpoint of this kit ({type(err).__name__}: {err}); "
-            "delete it to start the run from scratch."
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); delete it to start the run afresh."
         ) from err
     if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(
-            f"{path} is a weights file (a state_dict), not a checkpoint: load it with model.load_model."
-        )
+        raise CheckpointError(f"{path} is a weights file (a state_dict), not a checkpoint: load it with load_model.")
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
         what = (
             f"a dict without {sorted(CHECKPOINT_KEYS - state.keys())}"
             if isinstance(state, dict)
             else f"a {type(state).__name__}"
         )
-        raise CheckpointError(f"{path} holds {what}, not a checkpoint of this kit; delete it or pass another path.")
+        raise CheckpointError(f"{path} holds {what}, not a checkpoint of fit; delete it or pass another path.")
     return state
 
 
-def save_run(
-    path: str | Path,
-    run: dict[str, Any],
-    history: list[dict[str, float]],
-    machine: dict[str, str],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-) -> None:
-    """Everything a resumed run needs, after an epoch, and the machine it ran on (hardware, precision)."""
-    save_checkpoint(
-        path,
-        model=model.state_dict(),
-        optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict() if scheduler is not None else {},
-        scaler=scaler.state_dict() if scaler is not None else {},
-        epoch=len(history),
-        history=history,
-        run=run,
-        machine=machine,
-        rng=rng_state(),
-    )
+def resume(path: str | Path, config: dict, machine: dict, states: dict[str, Any]) -> list[dict[str, float]]:
+    """Restore every object in `states` from the checkpoint of this same run; return its history.
 
-
-def resume_run(
-    path: str | Path,
-    run: dict[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-) -> tuple[list[dict[str, float]], dict[str, str]]:
-    """Restore every state from the checkpoint of this same run; return its history and the machine it ran on.
-
-    The machine is not part of the run: a run goes on on another CPU or a GPU (fit says so). Refuses,
-    naming what differs, a checkpoint of another run: resuming it would mix two recipes.
+    Refuses, naming the fields that differ, a checkpoint of another config: resuming it would mix two runs.
+    The machine is not part of the run: a run goes on on another CPU or a GPU, and says so.
     """
     state = load_checkpoint(path)
-    if state["run"] != run:
-        changed = sorted(k for k in run.keys() | state["run"].keys() if run.get(k) != state["run"].get(k))
+    differ = sorted(k for k in config.keys() | state["config"].keys() if config.get(k) != state["config"].get(k))
+    if differ:
         raise CheckpointError(
-            f"{path} belongs to another run (differs in: {', '.join(changed)}); delete it or match it."
+            f"{path} belongs to another run (it differs in: {', '.join(differ)}); delete it or match it."
         )
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path} holds weights of another network: {err}") from err
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+    for name, obj in states.items():
+        if obj is not None:
+            obj.load_state_dict(state[name])
     set_rng_state(state["rng"])
-    return state["history"], state.get("machine", {})
+    tqdm.write(
+        f"resumed after epoch {state['epoch']} of {config['epochs']} from {path}: {state['epoch']} epochs restored"
+    )
+    if state["machine"] != machine:
+        tqdm.write(
+            f"note: epochs 1-{state['epoch']} ran on {state['machine']['hardware']} ({state['machine']['precision']}); "
+            f"the rest runs on {machine['hardware']} ({machine['precision']})"
+        )
+    return state["history"]

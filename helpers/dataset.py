@@ -1,8 +1,8 @@
-"""Image data: CIFAR-10 (or any uint8 image arrays), the assignment's albumentations pipeline, fast loaders.
+"""Image data: CIFAR-10 (or any uint8 image arrays), a validation split, and loaders whose batches arrive ready.
 
-Images travel through the DataLoader as uint8 (4x smaller than float32) and are normalized on the
-device by `normalize`; the albumentations transforms run in the workers on whole batches at a time,
-so no per-image collate or PIL round trip is paid.
+Every loader here yields what torchvision's do, normalized float N x C x H x W (already on the device), so
+`for x, y in loader: model(x)` and tools made for torchvision loaders work unchanged. Inside, images travel
+as uint8 (4x smaller than float32) and the albumentations transforms run in the workers a whole batch at a time.
 """
 
 from __future__ import annotations
@@ -12,21 +12,16 @@ import hashlib
 import os
 import random
 import urllib.error
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 import torchvision
-from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset, Sampler
-
-from .recipe import RECIPE, Recipe
 
 # Per-channel statistics of the 50,000 training images, 0..1 scale (tests recompute them).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -40,6 +35,7 @@ def mean_pixel(mean: Sequence[float]) -> tuple[int, ...]:
 
 
 MEAN_PIXEL = mean_pixel(CIFAR10_MEAN)  # (125, 123, 114): CoarseDropout's and ShiftScaleRotate's fill
+CPU = torch.device("cpu")
 CIFAR10_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"  # "CIFAR-10 python version": cifar-10-python.tar.gz
 
 
@@ -181,33 +177,6 @@ def hold_out(data: ImageData, size: int, seed: int = 0) -> ImageData:
     )
 
 
-def augmentations(recipe: Recipe = RECIPE, fill: Sequence[int] = MEAN_PIXEL) -> list[A.BasicTransform]:
-    """The assignment's train augmentations, in uint8 pixel space (before Normalize); reasons in recipe.py."""
-    with warnings.catch_warnings():
-        # 2.x advises Affine, which ShiftScaleRotate wraps; the assignment names ShiftScaleRotate.
-        warnings.filterwarnings("ignore", message="ShiftScaleRotate is a special case", category=UserWarning)
-        shift_scale_rotate = A.ShiftScaleRotate(
-            shift_limit=recipe.shift_limit,
-            scale_limit=recipe.scale_limit,
-            rotate_limit=recipe.rotate_limit,
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=tuple(fill),  # opened borders become the mean (0 after Normalize), not black
-            p=recipe.shift_scale_rotate_p,
-        )
-    return [
-        A.HorizontalFlip(p=recipe.flip_p),
-        shift_scale_rotate,
-        # Cutout: one hole of mean colour (2.x names; 1.x's max_holes/fill_value are ignored with a warning).
-        A.CoarseDropout(
-            num_holes_range=(1, 1),
-            hole_height_range=(recipe.hole_size, recipe.hole_size),
-            hole_width_range=(recipe.hole_size, recipe.hole_size),
-            fill=tuple(fill),
-            p=recipe.coarse_dropout_p,
-        ),
-    ]
-
-
 def seed_pipeline(transform: A.Compose, seed: int) -> A.Compose:
     """Draw every transform of the pipeline from ONE generator seeded with `seed`.
 
@@ -216,17 +185,6 @@ def seed_pipeline(transform: A.Compose, seed: int) -> A.Compose:
     """
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
     return transform
-
-
-def train_transforms(seed: int | None = None) -> A.Compose:
-    """HxWx3 uint8 image -> augmented, normalized 3xHxW float tensor (the classic per-image pipeline)."""
-    pipeline = A.Compose([*augmentations(), A.Normalize(CIFAR10_MEAN, CIFAR10_STD), ToTensorV2()])
-    return pipeline if seed is None else seed_pipeline(pipeline, seed)
-
-
-def test_transforms() -> A.Compose:
-    """HxWx3 uint8 image -> normalized 3xHxW float tensor, no augmentation."""
-    return A.Compose([A.Normalize(CIFAR10_MEAN, CIFAR10_STD), ToTensorV2()])
 
 
 @functools.cache
@@ -290,40 +248,33 @@ class SeededBatchSampler(Sampler[SeededBatch]):
 
 
 class ImageDataset(Dataset):
-    """uint8 images through an optional albumentations pipeline, fetched a whole batch at a time.
+    """uint8 images, augmented a whole batch at a time: indexed by a SeededBatch, it returns (images, labels).
 
-    Carries the mean/std that `train`, `test` and `predict` normalize its batches with, and the class names.
+    Carries what the loader normalizes with (mean, std), the class names, and `split`, the name fit reports
+    it under ("train", "test" or "validation").
     """
 
     def __init__(
         self,
         images: np.ndarray,
         labels: Sequence[int],
+        *,
         transform: A.Compose | None = None,
-        mean: Sequence[float] = CIFAR10_MEAN,
-        std: Sequence[float] = CIFAR10_STD,
-        classes: Sequence[str] = CLASSES,
+        mean: Sequence[float],
+        std: Sequence[float],
+        classes: Sequence[str],
+        split: str = "test",
     ):
         check_images(images)
         # torchvision keeps .data as a transposed view; one contiguous copy makes every lookup cheap
         self.images, self.labels, self.transform = np.ascontiguousarray(images), torch.as_tensor(labels), transform
-        self.mean, self.std, self.classes = tuple(mean), tuple(std), tuple(classes)
+        self.mean, self.std, self.classes, self.split = tuple(mean), tuple(std), tuple(classes), split
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        image = self.images[index]
-        return (self.transform(image=image)["image"] if self.transform else image), int(self.labels[index])
-
-    def __getitems__(self, batch: SeededBatch | list[int]) -> tuple[torch.Tensor, torch.Tensor] | list:
-        """A SeededBatch (make_loaders): one uint8 N x H x W x C tensor and its labels, no collate needed.
-
-        A plain list of indices (a plain DataLoader, a Subset): torch's contract, a list of (image, label)
-        samples for the DataLoader's collate to stack.
-        """
-        if not isinstance(batch, SeededBatch):
-            return [self[i] for i in batch]
+    def __getitem__(self, batch: SeededBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One uint8 N x H x W x C tensor of the batch's images, augmented with the batch's seed, and its labels."""
         images = self.images[batch.indices]
         if self.transform is not None:
             seed_pipeline(self.transform, batch.seed)
@@ -332,76 +283,91 @@ class ImageDataset(Dataset):
         return torch.from_numpy(images), self.labels[batch.indices]
 
 
-def _already_batched(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """collate_fn for ImageDataset: __getitems__ already returns whole tensors."""
-    return batch
+class ReadyLoader(DataLoader):
+    """A DataLoader whose batches arrive ready: normalized float N x C x H x W on `device`, as torchvision's do.
+
+    As in airbench, the speed stays inside the loader: workers augment whole uint8 batches (no per-image
+    collate, 4x less to ship than float32), and the normalization runs here, on the device.
+    """
+
+    def __init__(self, dataset: ImageDataset, sampler: SeededBatchSampler, device: torch.device, num_workers: int):
+        super().__init__(
+            dataset,
+            batch_size=None,  # the sampler yields whole batches and the dataset builds them
+            sampler=sampler,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            pin_memory=device.type == "cuda",
+        )
+        self.device = device
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in super().__iter__():
+            images = normalize(images.to(self.device, non_blocking=True), self.dataset.mean, self.dataset.std)
+            yield images, labels.to(self.device, non_blocking=True)
 
 
-def default_workers(device: str | torch.device = "cpu") -> int:
+def default_workers(device: torch.device) -> int:
     """DataLoader workers per device: on a GPU every core loads, on the CPU one core is left for training.
 
     On the CPU the main process computes, so a worker per core but one (on 2 cores a second worker was
-    slower, docs/speed.md). On a GPU the main process mostly waits, so every core loads (Colab's T4: 2);
-    this GPU default is reasoned, not yet measured: `python -m tools.bench` compares 1, 2 and all cores.
+    slower, docs/speed.md). On a GPU the main process mostly waits, so every core loads (Colab's T4: 2).
     """
     cores = os.cpu_count() or 2
-    return max(1, min(16, cores if torch.device(device).type == "cuda" else cores - 1))
+    return max(1, min(16, cores if device.type == "cuda" else cores - 1))
 
 
-def subset(images: np.ndarray, labels: np.ndarray, size: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The whole split, or a seeded random `size` of it (quick mode, tests)."""
-    if size is None or size >= len(images):
-        return images, labels
-    keep = np.random.default_rng(seed).choice(len(images), size, replace=False)
-    return images[keep], labels[keep]
+def subsample(data: ImageData, *, train_images: int | None, test_images: int | None, seed: int = 0) -> ImageData:
+    """A seeded random `train_images` and `test_images` of `data` (None: all of a split), for quick runs and tests."""
+
+    def pick(images: np.ndarray, labels: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+        keep = np.random.default_rng(seed).permutation(len(images))[:size]
+        return images[keep], labels[keep]
+
+    train, test = (
+        pick(data.train_images, data.train_labels, train_images),
+        pick(data.test_images, data.test_labels, test_images),
+    )
+    return ImageData(*train, *test, data.classes, data.mean, data.std, data.evaluation)
 
 
 def make_loaders(
-    batch_size: int = RECIPE.batch_size,
+    data: ImageData,
+    *,
+    batch_size: int,
+    augment: Sequence[A.BasicTransform] = (),
     seed: int | None = None,
-    device: str | torch.device = "cpu",
+    device: torch.device = CPU,
     num_workers: int | None = None,
-    train_size: int | None = None,
-    test_size: int | None = None,
-    root: str | Path | None = None,
-    data: ImageData | None = None,
-    augment: Sequence[A.BasicTransform] | A.Compose | None = None,
-) -> tuple[DataLoader, DataLoader]:
-    """Train (augmented, shuffled) and test loaders yielding (uint8 N x H x W x C, labels).
+) -> tuple[ReadyLoader, ReadyLoader]:
+    """Train (augmented, shuffled) and test loaders over `data`, yielding normalized float N x C x H x W on `device`.
 
-    data: any ImageData (default: CIFAR-10 from `root`; `hold_out(cifar10(), 5000)` makes the second loader
-    a validation loader of held-out training images); augment: the train transforms in uint8 space
-    (default: the assignment's, filled with the data's mean colour). seed=None takes torch's seed, so
-    seed_everything(seed) alone fixes order and augmentations too.
+    augment: the train transforms, run on uint8 pixels (none by default). The order of batches and every
+    augmentation depend only on (seed, epoch), whatever the number of workers: so a resumed run draws the
+    batches an uninterrupted one would; seed=None takes torch's, so seed_everything(seed) alone fixes them.
+    `hold_out(cifar10(), 5000)` as `data` makes the second a validation loader.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     seed = torch.initial_seed() % 2**31 if seed is None else seed
-    num_workers = default_workers(device) if num_workers is None else num_workers
-    data = cifar10(root) if data is None else data
-    if augment is None:
-        augment = augmentations(fill=mean_pixel(data.mean))
-    pipeline = augment if isinstance(augment, A.BaseCompose) else A.Compose(list(augment))
-    splits = []
-    for train, size, transform in ((True, train_size, pipeline), (False, test_size, None)):
-        images, labels = subset(
-            data.train_images if train else data.test_images,
-            data.train_labels if train else data.test_labels,
-            size,
-            seed,
+    workers = default_workers(device) if num_workers is None else num_workers
+    pipeline = A.Compose(list(augment)) if augment else None
+    loaders = []
+    for split, images, labels in (
+        ("train", data.train_images, data.train_labels),
+        (data.evaluation, data.test_images, data.test_labels),
+    ):
+        train = split == "train"
+        dataset = ImageDataset(
+            images,
+            labels,
+            transform=pipeline if train else None,
+            mean=data.mean,
+            std=data.std,
+            classes=data.classes,
+            split=split,
         )
-        dataset = ImageDataset(images, labels, transform, data.mean, data.std, data.classes)
-        dataset.split = "train" if train else data.evaluation  # what fit calls the split it reports
         sampler = SeededBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed)
-        splits.append(
-            DataLoader(
-                dataset,
-                batch_sampler=sampler,
-                collate_fn=_already_batched,
-                # the test split needs no transform: indexing it in the main process is fastest
-                num_workers=num_workers if train else 0,
-                persistent_workers=train and num_workers > 0,
-                pin_memory=torch.device(device).type == "cuda",
-            )
-        )
-    return splits[0], splits[1]
+        # the evaluation split has no transform: indexing it in the main process is fastest
+        loaders.append(ReadyLoader(dataset, sampler, device, workers if train else 0))
+    return loaders[0], loaders[1]

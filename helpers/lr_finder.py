@@ -1,18 +1,16 @@
 """Leslie Smith's LR range test, with torch-lr-finder's contract: your model, your optimizer, both restored.
 
-Give it the model and the optimizer instance you will train with (`torch.optim.Adam(model.parameters())`,
-as with torch-lr-finder), or a factory model -> optimizer. It trains that model with that optimizer while
-raising the learning rate exponentially every batch, records the smoothed loss, and afterwards puts the
-model, the optimizer and the RNGs back to their state before the test, bit for bit. Own code rather than
-torch-lr-finder itself: it takes this kit's uint8 batches as well as torchvision's normalized float ones,
-trains with fit's own step and loss (label smoothing), and follows the precision policy.
+Give it the model and the optimizer you will train with (`torch.optim.Adam(model.parameters())`, as with
+torch-lr-finder). It trains that model with that optimizer while raising the learning rate exponentially
+every batch, records the smoothed loss, and afterwards puts the model, the optimizer and the RNGs back to
+their state before the test, bit for bit. Own code rather than torch-lr-finder (which works on this kit's
+loaders too): it trains with fit's own step and loss (label smoothing included) at the machine's precision.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,10 +18,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from .backprop import batch_statistics, make_optimizer, to_input, train_step
+from .backprop import train_step
 from .checkpoint import rng_state, set_rng_state
 from .device import Precision, grad_scaler, pick_device, precision_policy
-from .recipe import RECIPE
 
 
 @dataclass
@@ -64,27 +61,25 @@ class LRRangeTest:
 def lr_range_test(
     model: nn.Module,
     loader: DataLoader,
-    optimizer: torch.optim.Optimizer | Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    optimizer: torch.optim.Optimizer,
     *,
     start_lr: float = 1e-4,
     end_lr: float = 10.0,
     steps: int = 100,
     device: torch.device | None = None,
     precision: Precision | None = None,
-    label_smoothing: float = RECIPE.label_smoothing,
+    label_smoothing: float = 0.0,
     smoothing: float = 0.9,
 ) -> LRRangeTest:
-    """Train `model` with `optimizer` (default: the recipe's SGD) at lrs rising from start_lr to end_lr.
+    """Train `model` with `optimizer` at lrs rising from start_lr to end_lr, one batch each; then restore both.
 
-    label_smoothing: the training's loss (fit's default too), so the sweep measures the loss training minimizes.
+    label_smoothing: pass the training's, so the sweep measures the loss training minimizes.
     Stops early once the smoothed loss exceeds 4x its best (divergence). Model, optimizer and RNGs are
     restored afterwards, so the test leaves no trace on the run that follows.
     """
     device = device or pick_device()
     precision = precision or precision_policy(device)
     model.to(device, memory_format=torch.channels_last)
-    if optimizer is None or not hasattr(optimizer, "step"):
-        optimizer = make_optimizer(model, start_lr) if optimizer is None else optimizer(model)
     saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), rng_state()))
     was_training = model.training
     try:
@@ -115,19 +110,19 @@ def _sweep(
 ) -> LRRangeTest:
     """The range test itself: one batch per lr, cycling a loader shorter than `lrs`; stops at divergence."""
     device = next(model.parameters()).device
-    scaler, stats = grad_scaler(device, precision), batch_statistics(loader)
+    scaler = grad_scaler(device, precision)
     tried, losses, average, best = [], [], 0.0, math.inf
     batches = iter(())
     model.train()
     for step, lr in enumerate(lrs):
         try:
-            images, labels = next(batches)
+            x, y = next(batches)
         except StopIteration:  # small loaders are cycled
             batches = iter(loader)
-            images, labels = next(batches)
+            x, y = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = to_input(images, device, stats), labels.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss, _, _ = train_step(
             model, x, y, optimizer, dtype=precision.dtype, label_smoothing=label_smoothing, scaler=scaler
         )

@@ -19,8 +19,7 @@ import torch.nn as nn
 from . import utils
 from .backprop import FitResult
 from .checkpoint import write_atomically
-from .model import count_parameters
-from .receptive_field import count_macs, total_receptive_field
+from .measure import count_macs, count_parameters, total_receptive_field
 from .recipe import TARGET_ACCURACY, Recipe
 
 WEIGHTS_NAME = "s9_net.pt"  # a state_dict that Net(recipe.widths) loads

@@ -122,7 +122,9 @@ def plot_lr_range_test(
     ax.axvline(result.minimum, color="tab:red", linestyle=":", label=f"lowest loss: {result.minimum:.3g}")
     if chosen_lr is not None:
         ax.axvline(chosen_lr, color="tab:green", label=f"peak used: {chosen_lr:g}")
+    top = result.losses[0] + 0.5 * (result.losses[0] - min(result.losses))  # the blow-up would flatten the fall
     ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed training loss", title="LR range test")
+    ax.set_ylim(min(result.losses) - 0.1 * (top - min(result.losses)), top)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return save(fig, path)
@@ -225,7 +227,7 @@ def plot_gradcam(
     heatmaps = gradcam(
         model, images[wrong], targets=[int(predictions[i]) for i in wrong], layer=layer, mean=mean, std=std
     )
-    fig, axes = _grid(2 * max(len(wrong), 1), 4, cell=2.0)
+    fig, axes = _grid(2 * len(wrong), 4, cell=2.0)
     for k, (i, heatmap) in enumerate(zip(wrong, heatmaps)):
         image = images[i]
         rgb = np.repeat(image, 3, -1) if image.shape[-1] == 1 else image
@@ -234,7 +236,9 @@ def plot_gradcam(
         axes.flat[2 * k].set_title(f"true: {true}", fontsize=9)
         axes.flat[2 * k + 1].imshow(show_cam_on_image(rgb / 255.0, heatmap, use_rgb=True), interpolation="nearest")
         axes.flat[2 * k + 1].set_title(f"GradCAM of pred: {pred}", fontsize=9)
-    fig.suptitle(f"GradCAM of the predicted class on {len(wrong)} misclassified test images")
+    scale = plt.cm.ScalarMappable(cmap="jet", norm=plt.Normalize(0, 1))  # show_cam_on_image's colours
+    fig.colorbar(scale, ax=axes, shrink=0.6, label="GradCAM: how much the region drove the predicted class")
+    fig.suptitle(f"GradCAM of the predicted class on {len(wrong)} misclassified test images", y=0.93)
     return save(fig, path)
 
 

@@ -53,3 +53,26 @@ def test_split(cifar_root: Path):
     from helpers.dataset import load_cifar10
 
     return load_cifar10(False, cifar_root)
+
+
+@pytest.fixture(scope="session")
+def cifar(cifar_root: Path):
+    """The real CIFAR-10 as ImageData, loaded once."""
+    from helpers.dataset import cifar10
+
+    return cifar10(cifar_root)
+
+
+@pytest.fixture(scope="session")
+def small(cifar):
+    """Loader factory over a small real subset (256 train / 128 test), the recipe's augmentations, one process."""
+    from helpers.dataset import make_loaders, subsample
+    from helpers.recipe import RECIPE
+
+    data = subsample(cifar, train_images=256, test_images=128)
+
+    def loaders(seed: int = 0, batch_size: int = 64, augment=None, data=data):
+        augment = RECIPE.augmentations(data.mean) if augment is None else augment
+        return make_loaders(data, batch_size=batch_size, augment=augment, seed=seed, num_workers=0)
+
+    return loaders

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import train
-from helpers.model import Net, count_parameters
-from helpers.receptive_field import total_receptive_field
+from helpers.measure import count_parameters, total_receptive_field
+from helpers.model import Net
 from helpers.recipe import RECIPE, SPEED_RECIPE
 from helpers.results import time_to_target
 from tools import ablation, bench
@@ -88,16 +88,23 @@ def test_quick_ablation_writes_its_table_and_resumes_only_what_is_missing(cifar_
     assert (tmp_path / "ablation.md").read_text().count("\n| ") == table.count("\n| ")
 
 
-def test_every_ablation_variant_changes_the_shipped_net_or_recipe_through_public_parameters():
-    nets = {v.name: Net(**v.net) for v in ablation.VARIANTS}
+def test_every_ablation_variant_changes_the_shipped_net_or_recipe_in_the_one_way_its_name_says():
+    nets = {v.name: v.net() for v in ablation.VARIANTS}
     assert len({repr(n) for n in nets.values()}) == 5  # shipped, stride, max-pool, dense, no residual
     assert all(hasattr(RECIPE, key) for v in ablation.VARIANTS for key in v.recipe)
     assert [v.breaks for v in ablation.VARIANTS if v.name == "shipped"] == ["none"]
+    convs = {name: [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)] for name, net in nets.items()}
+    assert sum(c.stride == (2, 2) for c in convs["stride-2 downsampling"]) == 3
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in nets["max-pool downsampling"].modules()) == 3
+    assert not [c for c in convs["dense 3x3 in C3/C4"] if c.groups > 1]
+    assert not [m for m in nets["no residual connections"].modules() if isinstance(m, ablation.Residual)]
+    x = torch.randn(2, 3, 32, 32)
+    assert all(net.eval()(x).shape == (2, 10) for net in nets.values())
 
 
 def test_every_lever_keeps_the_assignment_so_it_could_ship():
     for lever in ablation.LEVERS:
-        recipe, model = lever.applied_to(RECIPE), lever.network()
+        recipe, model = lever.applied_to(RECIPE), lever.net()
         assert count_parameters(model) < 200_000 and total_receptive_field(model) > 44, lever.name
         assert min(recipe.flip_p, recipe.shift_scale_rotate_p, recipe.coarse_dropout_p) > 0, lever.name
         assert recipe.hole_size == 16 and lever.breaks == "none", lever.name

@@ -7,8 +7,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from albumentations.pytorch import ToTensorV2
 
 from helpers import dataset as ds
+from helpers.recipe import RECIPE
+
+AUGMENTATIONS = RECIPE.augmentations(ds.CIFAR10_MEAN)
 
 
 def test_mean_and_std_match_the_real_training_set(train_split):
@@ -18,19 +22,22 @@ def test_mean_and_std_match_the_real_training_set(train_split):
     assert np.abs(pixels.std(0) - ds.CIFAR10_STD).max() < 5e-4
 
 
-def test_train_pipeline_is_the_assignments_in_order():
-    names = [type(t).__name__ for t in ds.train_transforms().transforms]
-    assert names == ["HorizontalFlip", "ShiftScaleRotate", "CoarseDropout", "Normalize", "ToTensorV2"]
-    assert [type(t).__name__ for t in ds.test_transforms().transforms] == ["Normalize", "ToTensorV2"]
+def test_the_recipes_augmentations_are_the_assignments_in_order():
+    assert [type(t).__name__ for t in AUGMENTATIONS] == ["HorizontalFlip", "ShiftScaleRotate", "CoarseDropout"]
 
 
 def test_coarse_dropout_is_one_16x16_hole_of_mean_colour_with_2x_argument_names():
-    dropout = next(t for t in ds.augmentations() if isinstance(t, A.CoarseDropout))
+    dropout = next(t for t in AUGMENTATIONS if isinstance(t, A.CoarseDropout))
     assert dropout.num_holes_range == (1, 1)
     assert dropout.hole_height_range == (16, 16) and dropout.hole_width_range == (16, 16)
     assert dropout.fill == ds.MEAN_PIXEL == (125, 123, 114)  # 0..255 scale: it runs before Normalize
-    shift = next(t for t in ds.augmentations() if isinstance(t, A.ShiftScaleRotate))
+    shift = next(t for t in AUGMENTATIONS if isinstance(t, A.ShiftScaleRotate))
     assert shift.border_mode == cv2.BORDER_CONSTANT and tuple(shift.fill) == ds.MEAN_PIXEL
+
+
+def _per_image_pipeline(augment=(), seed=None) -> A.Compose:
+    """The classic per-image pipeline the kit's loader replaces: augment, Normalize, ToTensorV2."""
+    return A.Compose([*augment, A.Normalize(ds.CIFAR10_MEAN, ds.CIFAR10_STD), ToTensorV2()], seed=seed)
 
 
 def _warnings_while(build) -> list[str]:
@@ -41,7 +48,7 @@ def _warnings_while(build) -> list[str]:
 
 
 def test_building_the_pipelines_warns_about_nothing():
-    assert _warnings_while(lambda: (ds.train_transforms(), ds.test_transforms(), ds.augmentations())) == []
+    assert _warnings_while(lambda: (RECIPE.augmentations(ds.CIFAR10_MEAN), _per_image_pipeline())) == []
 
 
 def test_the_warning_check_catches_1x_argument_names():
@@ -51,7 +58,7 @@ def test_the_warning_check_catches_1x_argument_names():
 
 
 def _forced(kind: type, p: float = 1.0) -> A.Compose:
-    transform = next(t for t in ds.augmentations() if isinstance(t, kind))
+    transform = next(t for t in RECIPE.augmentations(ds.CIFAR10_MEAN) if isinstance(t, kind))
     transform.p = p
     return A.Compose([transform], seed=0)
 
@@ -83,10 +90,17 @@ def test_dropout_changes_exactly_one_16x16_square_to_the_mean_on_real_images(tra
 def test_each_augmentation_is_applied_to_about_half_the_images_independently(train_split):
     # Our choice: p = 0.5 for each of the three, drawn independently (one generator per batch, not one per transform).
     images = [im for im in train_split.data[:600] if not np.array_equal(im, im[:, ::-1])][:512]
-    dataset = ds.ImageDataset(np.stack(images), [0] * len(images), A.Compose(ds.augmentations()))
+    dataset = ds.ImageDataset(
+        np.stack(images),
+        [0] * len(images),
+        transform=A.Compose(AUGMENTATIONS),
+        mean=(0,) * 3,
+        std=(1,) * 3,
+        classes="a",
+    )
     flipped, dropped = [], []
     for seed in range(200):  # the first image of 200 batches: the one a shared seed used to correlate
-        out = dataset.__getitems__(ds.SeededBatch(seed, [0, 1, 2, 3]))[0].numpy()
+        out = dataset[ds.SeededBatch(seed, [0, 1, 2, 3])][0].numpy()
         for k in range(4):
             original = images[k]
             flipped.append(
@@ -101,28 +115,19 @@ def test_each_augmentation_is_applied_to_about_half_the_images_independently(tra
 
 def test_same_seed_gives_the_same_augmented_images(train_split):
     def augmented(seed):
-        transform = ds.train_transforms(seed)
+        transform = _per_image_pipeline(AUGMENTATIONS, seed)
         return np.stack([transform(image=image)["image"].numpy() for image in train_split.data[:32]])
 
     assert np.array_equal(augmented(1), augmented(1))
     assert not np.array_equal(augmented(1), augmented(2))
 
 
-def test_per_image_pipeline_gives_normalized_float_chw(train_split):
-    image = train_split.data[0]
-    for transform in (ds.train_transforms(0), ds.test_transforms()):
-        out = transform(image=image)["image"]
-        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    expected = (image / 255.0 - np.array(ds.CIFAR10_MEAN)) / np.array(ds.CIFAR10_STD)
-    assert torch.allclose(
-        ds.test_transforms()(image=image)["image"], torch.tensor(expected.transpose(2, 0, 1)).float(), atol=1e-5
-    )
-
-
 def test_batch_normalize_matches_the_per_image_pipeline(train_split):
     images = train_split.data[:8]
     batch = ds.normalize(torch.from_numpy(images))
-    per_image = torch.stack([ds.test_transforms()(image=im)["image"] for im in images])
+    per_image = torch.stack([_per_image_pipeline()(image=im)["image"] for im in images])
+    expected = (images[0] / 255.0 - np.array(ds.CIFAR10_MEAN)) / np.array(ds.CIFAR10_STD)
+    assert torch.allclose(per_image[0], torch.tensor(expected.transpose(2, 0, 1)).float(), atol=1e-5)
     assert batch.shape == (8, 3, 32, 32) and torch.allclose(batch, per_image, atol=1e-5)
     assert batch.is_contiguous(memory_format=torch.channels_last)
     mean_image = torch.tensor(ds.MEAN_PIXEL, dtype=torch.uint8).expand(1, 32, 32, 3)
@@ -133,7 +138,7 @@ def test_bad_images_get_clear_errors():
     with pytest.raises(ValueError, match="N x H x W x 3"):
         ds.normalize(torch.zeros(2, 3, 32, 32))
     with pytest.raises(ValueError, match="N x H x W x C"):
-        ds.ImageDataset(np.zeros((4, 28, 28), np.uint8), [0] * 4)
+        ds.ImageData(np.zeros((4, 28, 28), np.uint8), [0] * 4, np.zeros((4, 28, 28), np.uint8), [0] * 4, ds.CLASSES)
 
 
 def test_missing_data_offline_says_where_it_looked_and_how_a_student_gets_it(tmp_path, offline, monkeypatch):
@@ -149,16 +154,19 @@ def test_missing_data_offline_says_where_it_looked_and_how_a_student_gets_it(tmp
     assert "shared" not in message and "unpack.py" not in message
 
 
-def test_loaders_yield_uint8_batches_reproducibly_whatever_the_workers(cifar_root):
+def test_loaders_yield_normalized_float_batches_reproducibly_whatever_the_workers(cifar):
+    data = ds.subsample(cifar, train_images=256, test_images=128)
+
     def first_batches(workers):
-        train, test = ds.make_loaders(64, seed=3, num_workers=workers, train_size=256, test_size=128, root=cifar_root)
-        train.batch_sampler.set_epoch(2)
+        train, test = ds.make_loaders(data, batch_size=64, augment=AUGMENTATIONS, seed=3, num_workers=workers)
+        train.sampler.set_epoch(2)
         return next(iter(train)), next(iter(test)), len(train), len(test)
 
     (x0, y0), (tx, ty), n_train, n_test = first_batches(0)
     (x2, y2), *_ = first_batches(2)
-    assert x0.dtype == torch.uint8 and x0.shape == (64, 32, 32, 3) and y0.dtype == torch.int64
-    assert tx.shape == (64, 32, 32, 3) and (n_train, n_test) == (4, 2)
+    assert x0.dtype == torch.float32 and x0.shape == (64, 3, 32, 32) and y0.dtype == torch.int64
+    assert -3 < x0.min() < 0 < x0.max() < 3  # normalized, not 0..255
+    assert tx.shape == (64, 3, 32, 32) and (n_train, n_test) == (4, 2)
     assert torch.equal(x0, x2) and torch.equal(y0, y2)
 
 
@@ -172,18 +180,20 @@ def test_sampler_epochs_differ_and_cover_every_image():
     assert len(epoch0) == len(sampler) == 4
 
 
-def test_seed_everything_alone_fixes_the_augmented_batches(cifar_root):
+def test_seed_everything_alone_fixes_the_augmented_batches(cifar):
     from helpers.backprop import seed_everything
 
+    data = ds.subsample(cifar, train_images=64, test_images=32)
+
     def first_batch(seed):
-        return next(iter(ds.make_loaders(32, seed, num_workers=0, train_size=64, test_size=32, root=cifar_root)[0]))[0]
+        return next(iter(ds.make_loaders(data, batch_size=32, augment=AUGMENTATIONS, seed=seed, num_workers=0)[0]))[0]
 
     seed_everything(5)
     assert torch.equal(first_batch(None), first_batch(5))
     assert not torch.equal(first_batch(5), first_batch(6))
 
 
-def test_a_validation_split_is_held_out_of_the_training_images_and_never_trains(cifar_root):
+def test_a_validation_split_is_held_out_of_the_training_images_and_never_trains(cifar):
     ids = np.arange(1000)
     images = np.zeros((1000, 4, 4, 3), dtype=np.uint8)
     images[:, 0, 0, 0], images[:, 0, 0, 1] = ids % 256, ids // 256  # each image names its index
@@ -194,7 +204,7 @@ def test_a_validation_split_is_held_out_of_the_training_images_and_never_trains(
     assert index(split.train_images) | index(split.test_images) == set(range(1000))  # disjoint, nothing lost
     assert index(ds.hold_out(toy, 100, seed=0).test_images) == index(split.test_images)  # seeded: one split
     assert index(ds.hold_out(toy, 100, seed=1).test_images) != index(split.test_images)
-    data = ds.cifar10(cifar_root)
+    data = cifar
     real = ds.hold_out(data, 5000, seed=0)
     assert real.evaluation == "validation" and (len(real.train_images), len(real.test_images)) == (45_000, 5000)
     assert (real.mean, real.std) == (data.mean, data.std) and np.bincount(real.test_labels).min() > 400
@@ -202,13 +212,14 @@ def test_a_validation_split_is_held_out_of_the_training_images_and_never_trains(
         ds.hold_out(data, 50_000)
 
 
-def test_fit_reports_a_held_out_split_as_validation(cifar_root, capsys):
+def test_fit_reports_a_held_out_split_as_validation(cifar, capsys):
     from helpers import backprop as B
     from helpers.model import Net
 
-    split = ds.hold_out(ds.cifar10(cifar_root), 128, seed=0)
-    loaders = ds.make_loaders(64, seed=0, num_workers=0, train_size=128, data=split)
+    split = ds.subsample(ds.hold_out(cifar, 128, seed=0), train_images=128, test_images=None)
+    loaders = ds.make_loaders(split, batch_size=64, seed=0, num_workers=0)
     assert loaders[1].dataset.split == "validation" and len(loaders[1].dataset) == 128
-    result = B.fit(Net((8, 8, 16, 16)), *loaders, 1, device=torch.device("cpu"), tta=False)
+    model = Net((8, 8, 16, 16))
+    result = B.fit(model, *loaders, epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
     assert result.evaluated_on == "validation"
     assert " validation " in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """The LR range test keeps torch-lr-finder's contract: it trains the model with the optimizer instance it is
-given, and afterwards both are exactly as before; a factory gives the same curve; it sweeps the training's
-loss, and a curve that never falls or a non-finite first loss gets a clear message."""
+given, and afterwards both are exactly as before; it sweeps the training's loss, and a curve that never falls
+or a non-finite first loss gets a clear message. torch-lr-finder itself runs on the kit's loaders too."""
 
 import copy
 
@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers.backprop import seed_everything
-from helpers.dataset import make_loaders
+from helpers.dataset import make_loaders, subsample
 from helpers.lr_finder import LRRangeTest, lr_range_test
 from helpers.model import Net
 
@@ -18,8 +18,8 @@ NARROW = (8, 8, 16, 16)  # a narrow Net: the contract, not the accuracy, is unde
 
 
 @pytest.fixture(scope="module")
-def loader(cifar_root):
-    return make_loaders(64, seed=0, num_workers=0, train_size=1024, test_size=64, root=cifar_root)[0]
+def loader(cifar):
+    return make_loaders(subsample(cifar, train_images=1024, test_images=64), batch_size=64, seed=0, num_workers=0)[0]
 
 
 def _sweep(loader, optimizer_for):
@@ -39,13 +39,15 @@ def test_an_adam_instance_is_trained_and_then_restored_bit_for_bit(loader):
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-def test_an_instance_gives_the_curve_a_factory_gives(loader):
-    instance, *_ = _sweep(loader, lambda m: torch.optim.Adam(m.parameters()))
-    seed_everything(0)
-    factory = lr_range_test(
-        Net(NARROW), loader, lambda m: torch.optim.Adam(m.parameters()), start_lr=1e-4, end_lr=1.0, steps=40, device=CPU
-    )
-    assert instance.losses == factory.losses and instance.lrs == factory.lrs
+def test_torch_lr_finder_runs_on_the_kits_loader_and_net(loader):
+    from torch_lr_finder import LRFinder
+
+    model = Net(NARROW)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    finder = LRFinder(model, optimizer, torch.nn.CrossEntropyLoss(), device="cpu")
+    finder.range_test(loader, end_lr=1.0, num_iter=6)
+    assert len(finder.history["lr"]) == 6 and all(0 < loss < 10 for loss in finder.history["loss"])
+    finder.reset()
 
 
 def test_a_loss_that_never_falls_has_no_steepest_descent_and_says_so():
@@ -60,13 +62,15 @@ def test_a_non_finite_first_loss_is_a_clear_error_not_an_empty_curve():
     loader = DataLoader(TensorDataset(nan_images, torch.zeros(8, dtype=torch.long)), batch_size=4)
     model = Net(NARROW)
     with pytest.raises(ValueError, match="first loss, at lr 0.0001, was not finite: check the inputs for NaN"):
-        lr_range_test(model, loader, start_lr=1e-4, steps=5, device=CPU)
+        lr_range_test(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), start_lr=1e-4, steps=5, device=CPU)
 
 
 def test_the_sweep_measures_the_training_loss_label_smoothing_included(loader):
     curves = {}
     for smoothing in (0.0, 0.1):
         seed_everything(0)
-        curves[smoothing] = lr_range_test(Net(NARROW), loader, label_smoothing=smoothing, steps=3, device=CPU)
+        model = Net(NARROW)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        curves[smoothing] = lr_range_test(model, loader, sgd, label_smoothing=smoothing, steps=3, device=CPU)
     # same weights, same first batch: the first point differs only by the loss the sweep computes
     assert curves[0.1].losses[0] != pytest.approx(curves[0.0].losses[0], abs=1e-4)

@@ -16,8 +16,9 @@ import torch
 from helpers import backprop as B
 from helpers import device as D
 from helpers import utils
-from helpers.dataset import default_workers, make_loaders
+from helpers.dataset import default_workers
 from helpers.model import Net
+from helpers.recipe import RECIPE
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
@@ -93,7 +94,7 @@ def test_device_order_is_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected
     assert D.pick_device().type == expected
 
 
-def test_fp16_autocast_with_grad_scaler_trains_for_real(cifar_root, monkeypatch):
+def test_fp16_autocast_with_grad_scaler_trains_for_real(small, monkeypatch):
     steps = []
     real_step = torch.amp.GradScaler.step
 
@@ -103,12 +104,11 @@ def test_fp16_autocast_with_grad_scaler_trains_for_real(cifar_root, monkeypatch)
 
     monkeypatch.setattr(torch.amp.GradScaler, "step", counted_step)
     B.seed_everything(0)
-    loaders = make_loaders(64, seed=0, num_workers=0, train_size=256, test_size=64, root=cifar_root)
+    loaders = small()
     fp16 = D.Precision(torch.float16, "a T4, simulated on the CPU")
     narrow = Net(widths=(8, 8, 16, 16))  # CPUs emulate fp16 slowly: a narrow Net keeps this test short
-    history = B.fit(
-        narrow, *loaders, 3, optimizer=B.make_optimizer(narrow, lr=0.05), device=torch.device("cpu"), precision=fp16
-    ).history
+    sgd = torch.optim.SGD(narrow.parameters(), lr=0.05, momentum=0.9)
+    history = B.fit(narrow, *loaders, epochs=3, optimizer=sgd, device=torch.device("cpu"), precision=fp16).history
     assert len(steps) == 3 * 4, "every optimizer step goes through the scaler"
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
@@ -127,22 +127,22 @@ print(json.dumps({"calls": len(calls), "env": os.environ.get("NO_ALBUMENTATIONS_
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"calls": 0, "env": "1"}
 
 
-def _fp16_fit(cifar_root, monkeypatch, **scaler_settings):
+def _fp16_fit(small, monkeypatch, **scaler_settings):
     """fit a narrow Net in fp16 on the CPU with a real GradScaler("cpu") built with `scaler_settings`."""
     monkeypatch.setattr(B, "grad_scaler", lambda device, precision: torch.amp.GradScaler("cpu", **scaler_settings))
     B.seed_everything(0)
-    loaders = make_loaders(64, seed=0, num_workers=0, train_size=256, test_size=64, root=cifar_root)
+    loaders = small()
     narrow = Net(widths=(8, 8, 16, 16))
-    optimizer = B.make_optimizer(narrow, lr=0.05)
-    scheduler = B.make_scheduler(optimizer, 3 * len(loaders[0]))
+    recipe = RECIPE.__class__(epochs=3, max_lr=0.05)
+    optimizer, scheduler = recipe.optimizer_and_schedule(narrow, len(loaders[0]))
     fp16 = D.Precision(torch.float16, "a T4, simulated on the CPU")
     result = B.fit(
-        narrow, *loaders, 3, optimizer=optimizer, scheduler=scheduler, device=torch.device("cpu"), precision=fp16
+        narrow, *loaders, epochs=3, optimizer=optimizer, scheduler=scheduler, device=torch.device("cpu"), precision=fp16
     )
     return result, optimizer, scheduler
 
 
-def test_fp16_steps_skipped_for_overflow_do_not_advance_the_schedule_or_warn(cifar_root, monkeypatch, capsys):
+def test_fp16_steps_skipped_for_overflow_do_not_advance_the_schedule_or_warn(small, monkeypatch):
     steps_taken, real_step = [], torch.optim.SGD.step
     monkeypatch.setattr(
         torch.optim.SGD, "step", lambda self, *a, **k: steps_taken.append(1) or real_step(self, *a, **k)
@@ -150,24 +150,24 @@ def test_fp16_steps_skipped_for_overflow_do_not_advance_the_schedule_or_warn(cif
     # a scale of 2**40 overflows fp16 gradients: the first steps are skipped, each one dividing the scale by 256
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch's "lr_scheduler.step() before optimizer.step()" would fail here
-        result, optimizer, scheduler = _fp16_fit(cifar_root, monkeypatch, init_scale=2.0**40, backoff_factor=2.0**-8)
+        result, optimizer, scheduler = _fp16_fit(small, monkeypatch, init_scale=2.0**40, backoff_factor=2.0**-8)
     assert 8 <= len(steps_taken) < 12, "of 3 epochs x 4 batches, the first steps were skipped"
     assert scheduler.last_epoch == len(steps_taken), "the schedule counts only the steps taken"
     assert [h["lr"] for h in result.history][0] == pytest.approx(0.005)  # the warm-up starts at lr / 10
     assert len(result.history) == 3, "skipped steps are not divergence"
-    assert "loss scale" in capsys.readouterr().out
 
 
-def test_a_collapsed_fp16_loss_scale_stops_training_with_a_clear_error(cifar_root, monkeypatch):
+def test_a_collapsed_fp16_loss_scale_stops_training_with_a_clear_error(small, monkeypatch):
     with pytest.raises(B.DivergedError, match="loss scale collapsed"):
-        _fp16_fit(cifar_root, monkeypatch, init_scale=2.0**40, backoff_factor=1e-30)
+        _fp16_fit(small, monkeypatch, init_scale=2.0**40, backoff_factor=1e-30)
 
 
 def test_loader_workers_leave_a_core_for_cpu_training_and_use_every_core_for_a_gpu(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)  # Colab
-    assert (default_workers("cpu"), default_workers("cuda")) == (1, 2)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (default_workers(cpu), default_workers(cuda)) == (1, 2)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    assert (default_workers("cpu"), default_workers("cuda")) == (16, 16)
+    assert (default_workers(cpu), default_workers(cuda)) == (16, 16)
 
 
 class _CudaLike(torch.Tensor):
@@ -192,7 +192,7 @@ def _setup_cell() -> str:
     return "".join(next(c for c in cells if c["cell_type"] == "code" and "REPO_URL" in "".join(c["source"]))["source"])
 
 
-def _run_in_fake_colab(cell: str, content, tmp_path, installed: str):
+def _run_in_fake_colab(cell: str, content, tmp_path, installed: str, ok: bool = True):
     """Run the setup cell in a fresh Python whose google.colab is faked, from Colab's working folder.
 
     pip is faked too (it records what the cell asks for) and the packages in `installed` look absent.
@@ -221,8 +221,8 @@ print("imported from", helpers.__file__)
     out = subprocess.run(
         [sys.executable, "-c", script], cwd=content, env=env, capture_output=True, text=True, timeout=300
     )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout, log.read_text() if log.exists() else ""
+    assert (out.returncode == 0) == ok, out.stderr[-2000:]
+    return (out.stdout if ok else out.stderr), log.read_text() if log.exists() else ""
 
 
 def test_the_colab_setup_cell_clones_the_repository_and_installs_the_pinned_versions(tmp_path):
@@ -249,3 +249,14 @@ def test_the_colab_setup_cell_unzips_an_uploaded_helpers_zip_and_installs_the_pi
     out, pip = _run_in_fake_colab(_setup_cell(), content, tmp_path, "grad-cam torchsummary")
     assert f"imported from {content / 'helpers' / '__init__.py'}" in out
     assert pip.split() == ["-q", *PINNED]
+
+
+def test_the_colab_setup_cell_says_what_is_wrong_with_a_zip_of_the_folders_contents(tmp_path):
+    content = tmp_path / "content"
+    content.mkdir()
+    with zipfile.ZipFile(content / "helpers.zip", "w") as archive:  # the files themselves, no helpers/ folder
+        for path in (ROOT / "helpers").glob("*.py"):
+            archive.write(path, path.name)
+    err, pip = _run_in_fake_colab(_setup_cell(), content, tmp_path, "grad-cam", ok=False)
+    assert "helpers.zip has no helpers/ folder inside" in err and "zip -r helpers.zip helpers" in err
+    assert "ModuleNotFoundError" not in err and pip == ""

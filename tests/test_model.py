@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import measure as RF
 from helpers import model as M
-from helpers import receptive_field as RF
 
 
 def _convs(net: nn.Module) -> list[nn.Conv2d]:
@@ -59,15 +59,19 @@ def test_global_average_pool_then_a_layer_to_ten_classes():
 
 
 def test_under_200k_parameters():
-    params = M.count_parameters(M.Net())
+    net = M.Net()
+    params = RF.count_parameters(net)
     print(f"Net has {params:,} parameters")
     assert params < 200_000
+    net.c1.requires_grad_(False)  # a frozen layer (say, a fixed whitening layer) still counts toward the cap
+    assert RF.count_parameters(net) == params == sum(p.numel() for p in net.parameters())
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 32, 32, 3), (2, 3, 16, 16)])
 def test_wrong_input_gets_a_clear_error(shape):
     with pytest.raises(
-        ValueError, match=re.escape(f"N x 3 x H x W with H, W >= 25 (CIFAR-10: N x 3 x 32 x 32), got {shape}")
+        ValueError,
+        match=re.escape(f"N x 3 x H x W with H, W >= 25 (CIFAR-10: N x 3 x 32 x 32), got torch.float32 {shape}"),
     ):
         M.Net()(torch.randn(*shape))
 
@@ -86,8 +90,8 @@ def test_receptive_field_table_follows_forward_order_and_exceeds_44():
     net = M.Net()
     rows = RF.receptive_field(net)
     conv_names = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
-    assert [r.layer for r in rows] == conv_names + ["output.0"]
-    assert RF.total_receptive_field(net) > 44
+    assert [r.layer for r in rows] == conv_names  # no row for the global average pool: it sees the whole map
+    assert rows[-1].rf_out == RF.total_receptive_field(net) > 44
     assert RF.format_receptive_field(rows).count("\n") == len(rows) + 1
 
 
@@ -119,10 +123,10 @@ def test_macs_counter_matches_hand_count():
 def test_summary_runs_on_a_cpu_model_and_keeps_batchnorm_statistics(capsys):
     net = M.Net()
     before = net.c1[0][1].running_mean.clone()
-    M.summary(net)
+    RF.summary(net)
     out = capsys.readouterr().out
     assert (
-        f"Total params: {M.count_parameters(net):,}" in out
+        f"Total params: {RF.count_parameters(net):,}" in out
         and "AdaptiveAvgPool2d" in out
         and "Multiply-accumulates" in out
     )

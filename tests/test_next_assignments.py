@@ -15,8 +15,9 @@ from PIL import Image
 
 from helpers import backprop as B
 from helpers import dataset as ds
+from helpers import inference as I
+from helpers import measure as RF
 from helpers import model as M
-from helpers import receptive_field as RF
 from helpers import utils
 from helpers.lr_finder import lr_range_test
 
@@ -99,9 +100,13 @@ def s10_augmentations() -> list[A.BasicTransform]:
     ]
 
 
-def test_s10_custom_resnet_with_adam_and_one_cycle_at_the_range_test_peak(cifar_root):
+def test_s10_custom_resnet_with_adam_and_one_cycle_at_the_range_test_peak(cifar):
     train_loader, test_loader = ds.make_loaders(
-        64, seed=0, num_workers=0, train_size=256, test_size=64, root=cifar_root, augment=s10_augmentations()
+        ds.subsample(cifar, train_images=256, test_images=64),
+        batch_size=64,
+        augment=s10_augmentations(),
+        seed=0,
+        num_workers=0,
     )
     assert [type(t).__name__ for t in train_loader.dataset.transform.transforms] == [
         "PadIfNeeded",
@@ -119,40 +124,34 @@ def test_s10_custom_resnet_with_adam_and_one_cycle_at_the_range_test_peak(cifar_
     peak = sweep.steepest
     assert sweep.lrs[0] < peak < sweep.lrs[-1]
 
-    def one_cycle(optimizer, total_steps):
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=peak,
-            total_steps=total_steps,
-            pct_start=0.2,
-            div_factor=10,
-            three_phase=False,
-            anneal_strategy="linear",
-        )
-
-    result = B.fit(
-        model, train_loader, test_loader, 2, optimizer=adam, scheduler=one_cycle, label_smoothing=0.0, device=CPU
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(
+        adam, max_lr=peak, total_steps=2 * len(train_loader), pct_start=0.2, div_factor=10, anneal_strategy="linear"
     )
+    result = B.fit(model, train_loader, test_loader, epochs=2, optimizer=adam, scheduler=one_cycle, device=CPU)
     assert [h["epoch"] for h in result.history] == [1, 2]
     # OneCycleLR drove Adam: from peak/10, up to the peak by step 2 of 8, then down
     assert result.history[0]["lr"] == pytest.approx(peak / 10) and peak / 10 < result.history[1]["lr"] < peak
     assert result.logits.shape == (64, 10) and torch.isfinite(result.logits).all()
 
 
-def test_train_runs_without_a_scheduler_and_without_label_smoothing_by_default(cifar_root):
-    loader, _ = ds.make_loaders(64, seed=0, num_workers=0, train_size=64, test_size=64, root=cifar_root)
+def test_train_runs_without_a_scheduler_and_without_label_smoothing_by_default(cifar):
+    loader, _ = ds.make_loaders(
+        ds.subsample(cifar, train_images=64, test_images=64), batch_size=64, seed=0, num_workers=0
+    )
     torch.manual_seed(0)
     model = CustomResNet()
     loss, _ = B.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.0), device=CPU)  # lr 0: weights stay
-    images, labels = next(iter(loader))  # the same (seed, epoch): the same augmented batch
+    images, labels = next(iter(loader))  # the same (seed, epoch): the same batch
     with torch.no_grad():
-        logits = model.train()(ds.normalize(images, loader.dataset.mean, loader.dataset.std))
+        logits = model.train()(images)
     assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-4)
     assert loss != pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-4)
 
 
-def test_resnet18_gradcam_gallery_on_misclassified_images_even_after_bf16_prediction(cifar_root, tmp_path):
-    _, test_loader = ds.make_loaders(16, seed=0, num_workers=0, train_size=64, test_size=16, root=cifar_root)
+def test_resnet18_gradcam_gallery_on_misclassified_images_even_after_bf16_prediction(cifar, tmp_path):
+    _, test_loader = ds.make_loaders(
+        ds.subsample(cifar, train_images=64, test_images=16), batch_size=16, seed=0, num_workers=0
+    )
     torch.manual_seed(0)
     model = ResNet18()
     logits, labels = B.predict(
@@ -197,11 +196,11 @@ def test_a_100_class_40x40_array_dataset_through_loaders_fit_confusion_matrix_an
         classes,
     )
     assert data.mean == pytest.approx((0.5, 0.5, 0.5), abs=0.01)  # computed from the train images
-    train_loader, test_loader = ds.make_loaders(100, seed=0, num_workers=0, data=data)
+    train_loader, test_loader = ds.make_loaders(data, batch_size=100, seed=0, num_workers=0)
     images, _ = next(iter(train_loader))
-    assert images.shape == (100, 40, 40, 3) and train_loader.dataset.classes == classes
+    assert images.shape == (100, 3, 40, 40) and train_loader.dataset.classes == classes
     model = M.Net(num_classes=100)
-    result = B.fit(model, train_loader, test_loader, 1, device=CPU)
+    result = B.fit(model, train_loader, test_loader, epochs=1, optimizer=torch.optim.Adam(model.parameters()))
     matrix = utils.confusion_matrix(result.labels, result.predictions, classes=classes)
     assert matrix.shape == (100, 100) and matrix.sum() == 100
     texts = []
@@ -227,10 +226,8 @@ def test_grayscale_arrays_are_loaded_and_normalized_with_their_own_statistics():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
     data = ds.ImageData(images, rng.integers(0, 10, 64), images[:16], rng.integers(0, 10, 16), tuple("0123456789"))
-    train_loader, _ = ds.make_loaders(32, seed=0, num_workers=0, data=data, augment=[A.HorizontalFlip()])
-    batch, _ = next(iter(train_loader))
-    assert batch.shape == (32, 28, 28, 1)
-    x = ds.normalize(batch, train_loader.dataset.mean, train_loader.dataset.std)
+    train_loader, _ = ds.make_loaders(data, batch_size=32, augment=[A.HorizontalFlip()], seed=0, num_workers=0)
+    x, _ = next(iter(train_loader))
     assert x.shape == (32, 1, 28, 28) and abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1
 
 
@@ -264,7 +261,7 @@ def test_receptive_field_of_residual_networks_matches_the_gradient(make, expecte
     assert RF.total_receptive_field(model) == expected  # by hand: see the comments in receptive_field's tests
     assert _gradient_support(_max_to_avg_pool(model).features, size) == expected
     rows = RF.receptive_field(model)
-    assert all(r.rf_out >= r.rf_in for r in rows) and rows[-1].size_out == 1  # the final pool is listed, not counted
+    assert all(r.rf_out >= r.rf_in for r in rows) and rows[-1].rf_out == expected  # the table ends at the last map
 
 
 def test_receptive_field_handles_average_pooling_and_shortcut_convs():
@@ -280,11 +277,11 @@ def test_load_weights_and_classify_one_image_or_file_in_one_call_each(cifar_root
     torch.manual_seed(0)
     net = M.Net()
     torch.save(net.state_dict(), tmp_path / "w.pt")
-    loaded = M.load_model(tmp_path / "w.pt")
+    loaded = I.load_model(tmp_path / "w.pt", M.Net())
     assert not loaded.training
     image = ds.load_cifar10(False, cifar_root).data[0]
     loaded.train()  # the mistake classify must survive
-    name, probabilities = M.classify(loaded, image)
+    name, probabilities = I.classify(loaded, image)
     assert loaded.training, "classify restores the mode it found"
     with torch.no_grad():
         expected = M.Net().eval()
@@ -295,4 +292,4 @@ def test_load_weights_and_classify_one_image_or_file_in_one_call_each(cifar_root
         probabilities.values()
     ) == pytest.approx(1)
     Image.fromarray(image).save(tmp_path / "one.png")
-    assert M.classify(loaded, tmp_path / "one.png")[0] == name
+    assert I.classify(loaded, tmp_path / "one.png")[0] == name

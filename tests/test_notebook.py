@@ -54,7 +54,7 @@ def test_an_interrupted_notebook_run_resumes_to_bit_identical_weights(cifar_root
     monkeypatch.setattr(backprop, "train", real_train)
     capsys.readouterr()
     resumed = _run_training_path(overrides)  # Run all again, in a fresh kernel
-    assert "resuming from epoch 1 of 2" in capsys.readouterr().out
+    assert "resumed after epoch 1 of 2" in capsys.readouterr().out
     a, b = straight["model"].state_dict(), resumed["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda hs: [{k: v for k, v in h.items() if "seconds" not in k} for h in hs]  # noqa: E731
@@ -80,10 +80,8 @@ def test_every_notebook_call_passes_keywords_after_its_first_two_arguments():
     assert crowded == []
 
 
-def test_the_training_cell_builds_the_recipe_in_view_and_checkpoints():
+def test_the_training_cell_passes_the_recipes_choices_explicitly_and_checkpoints():
     training = next(_source(c) for c in CELLS if "= fit(" in _source(c))
-    optimizer = next(_source(c) for c in CELLS if "make_optimizer(" in _source(c))
-    for field in ("max_lr", "momentum", "weight_decay", "warmup_fraction"):
-        assert f"recipe.{field}" in optimizer
-    wanted = ["optimizer=optimizer", "scheduler=scheduler", "label_smoothing=recipe.label_smoothing"]
-    assert all(argument in training for argument in [*wanted, "checkpoint=CHECKPOINT", "signature=recipe.record()"])
+    wanted = ["optimizer=optimizer", "scheduler=schedule", "label_smoothing=recipe.label_smoothing", "tta=True"]
+    assert all(argument in training for argument in [*wanted, "checkpoint=CHECKPOINT", "config=recipe.record()"])
+    assert any("recipe.optimizer_and_schedule(" in _source(c) for c in CELLS)

@@ -11,7 +11,8 @@ import torch
 from helpers import backprop
 from helpers.dataset import make_loaders
 from helpers.device import precision_policy
-from helpers.model import Net, count_parameters
+from helpers.measure import count_parameters
+from helpers.model import Net
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "Results"
@@ -55,10 +56,10 @@ def test_the_readme_headline_is_the_committed_run(metrics):
     assert f"**{plain} test accuracy at the final epoch**" in readme and f"**{tta} with flip" in readme
 
 
-def test_committed_weights_reproduce_the_reported_accuracy_plain_and_with_flip_tta(metrics, cifar_root):
+def test_committed_weights_reproduce_the_reported_accuracy_plain_and_with_flip_tta(metrics, cifar):
     net = Net()
     net.load_state_dict(torch.load(RESULTS / "s9_net.pt", weights_only=True))
-    _, test_loader = make_loaders(500, num_workers=0, train_size=500, root=cifar_root)  # the whole test split
+    _, test_loader = make_loaders(cifar, batch_size=500, num_workers=0)  # the whole test split
     assert len(test_loader.dataset) == 10_000
     dtype = precision_policy(torch.device("cpu")).dtype
     _, accuracy = backprop.test(net, test_loader, dtype=dtype)  # the same evaluation fit reports
@@ -68,3 +69,36 @@ def test_committed_weights_reproduce_the_reported_accuracy_plain_and_with_flip_t
     _, tta = backprop.test(net, test_loader, dtype=dtype, tta=True)
     print(f"committed weights: {tta:.2f}% with flip TTA")
     assert abs(tta - metrics["final_test_acc_tta"]) < 0.3 and tta > accuracy
+
+
+DOCUMENTS = [
+    ROOT / "README.md",
+    ROOT / "training_logs.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    *RESULTS.glob("*.md"),
+]
+NAMES_THE_COMMITTED_RUN = re.compile(r"committed (run|notebook|weights)|notebook's run", re.IGNORECASE)
+
+
+def _committed_figures(metrics: dict) -> set[str]:
+    last = metrics["history"][-1]
+    return {f"{v:.2f}%" for v in (metrics["final_test_acc"], metrics["final_test_acc_tta"], last["train_acc"])}
+
+
+def test_every_line_that_names_the_committed_run_quotes_its_metrics_json(metrics):
+    ours, stale = _committed_figures(metrics), []
+    for document in DOCUMENTS:
+        for number, line in enumerate(document.read_text().splitlines(), 1):
+            if NAMES_THE_COMMITTED_RUN.search(line):
+                stale += [f"{document.name}:{number}: {p}" for p in re.findall(r"\d+\.\d+%", line) if p not in ours]
+    assert stale == [], "a document quotes the committed run with numbers that are not metrics.json's"
+
+
+def test_runs_md_and_training_logs_md_give_the_committed_runs_numbers(metrics):
+    plain, tta = f"{metrics['final_test_acc']:.2f}%", f"{metrics['final_test_acc_tta']:.2f}%"
+    runs = (RESULTS / "runs.md").read_text()
+    committed = runs.split("## The committed run")[1].split("\n## ")[0]
+    row = next(line for line in committed.splitlines() if line.startswith("| shipped"))
+    assert f"| {plain} | {tta} |" in row and metrics["date"][:10] in row
+    log = (ROOT / "training_logs.md").read_text()
+    assert f"test accuracy: {plain} ({tta} with flip TTA)" in log and metrics["date"] in log

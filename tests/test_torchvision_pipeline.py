@@ -37,7 +37,7 @@ def test_fit_trains_torchvision_resnet18_from_a_plain_shuffled_dataloader(splits
     test_loader = DataLoader(splits[1], batch_size=256)
     model = resnet18()
     sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    result = B.fit(model, train_loader, test_loader, 3, optimizer=sgd, scheduler=None, device=CPU)
+    result = B.fit(model, train_loader, test_loader, epochs=3, optimizer=sgd, device=CPU, tta=True)
     losses = [h["train_loss"] for h in result.history]
     print(f"train losses {losses}, test accuracy {[h['test_acc'] for h in result.history]}")
     assert losses[-1] < losses[0]
@@ -88,28 +88,18 @@ def test_gradcam_with_no_mistakes_says_so_instead_of_calling_grad_cam(cifar_root
     plt.close(fig)
 
 
-def test_a_subset_of_the_kits_dataset_in_a_plain_dataloader_is_normalized_with_its_statistics(cifar_root):
-    data = ds.cifar10(cifar_root)
-    dataset = ds.ImageDataset(data.test_images[:256], data.test_labels[:256], mean=(0.5,) * 3, std=(0.25,) * 3)
-    loader = DataLoader(Subset(dataset, range(128)), batch_size=64, shuffle=True)  # per-image uint8, default collate
-    assert B.batch_statistics(loader) == ((0.5,) * 3, (0.25,) * 3)
-    images, _ = next(iter(loader))
-    x = B.to_input(images, CPU, B.batch_statistics(loader))
-    assert x.shape == (64, 3, 32, 32) and torch.allclose(
-        x, (images.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25, atol=1e-5
-    )
+def test_uint8_images_handed_to_net_get_a_clear_error():
+    from helpers.model import Net
 
-
-def test_uint8_batches_without_statistics_get_a_clear_error():
-    loader = DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 32, 32, 3, dtype=torch.uint8), torch.zeros(4)))
-    with pytest.raises(ValueError, match="no .mean/.std.*Normalize"):
-        B.to_input(next(iter(loader))[0], CPU, B.batch_statistics(loader))
+    with pytest.raises(ValueError, match="normalized float.*got torch.uint8"):
+        Net()(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
 
 def test_classify_refuses_or_resizes_an_image_of_another_size(cifar_root):
-    from helpers import model as M
+    from helpers import inference as M
+    from helpers.model import Net
 
-    net = M.Net().eval()
+    net = Net().eval()
     photo = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="224x224 but the network takes 32x32: pass resize=True"):
         M.classify(net, photo)

@@ -1,10 +1,11 @@
-"""What each technique buys: `python -m tools.ablation` trains variants of the shipped configuration and
-writes one table and one picture (Results/ablation/: ablation.md, ablation.png); docs/ablation.md reads them.
+"""What each technique buys: `python -m tools.ablation` trains variants of the shipped configuration and writes
+one table and one picture (Results/experiments/ablation/: ablation.md, ablation.png); docs/ablation.md reads them.
 
-Every variant is the shipped recipe and Net with one change, made through the recipe's fields or Net's
-keywords (no copies of the network), trained on the same schedule, seeds and machine. Each finished run is
-saved at once (runs/<variant>-seed<k>.json) and each run checkpoints every epoch, so an interrupted table
-resumes where it stopped when the same command runs again. --quick: a few hundred images, one epoch.
+Every variant is the shipped recipe and Net with one change: a recipe field, or one kind of layer of Net
+rebuilt as its classic alternative (stride-2 or max-pool downsampling, dense 3x3 convolutions, no skip
+connections). All train on the same schedule, seeds and machine. Each finished run is saved at once
+(runs/<variant>-seed<k>.json) and each run checkpoints every epoch, so an interrupted table resumes where it
+stopped when the same command runs again. --quick: a few hundred images, one epoch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,41 +24,86 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
-from helpers.backprop import fit_recipe, seed_everything  # noqa: E402
-from helpers.dataset import augmentations, cifar10, hold_out, make_loaders  # noqa: E402
+from helpers.backprop import fit, seed_everything  # noqa: E402
+from helpers.dataset import cifar10, hold_out, make_loaders, subsample  # noqa: E402
 from helpers.device import hardware, pick_device, precision_policy  # noqa: E402
-from helpers.model import Net, count_parameters  # noqa: E402
-from helpers.receptive_field import count_macs, total_receptive_field  # noqa: E402
+from helpers.measure import count_macs, count_parameters, total_receptive_field  # noqa: E402
+from helpers.model import ConvBNReLU, Net, Residual, SeparableConv  # noqa: E402
 from helpers.recipe import QUICK_TEST_IMAGES, QUICK_TRAIN_IMAGES, RECIPE, Recipe  # noqa: E402
 from tools.bench import step_rate  # noqa: E402
+
+SHRINKING = ("c1.2", "c2.1", "c3.1")  # Net's three dilated, unpadded convolutions: 32 -> 24 -> 16 -> 8
+
+
+def geometry(block: nn.Module) -> tuple[int, int, int]:
+    """(in channels, out channels, dilation) of a ConvBNReLU or SeparableConv."""
+    convs = [m for m in block if isinstance(m, nn.Conv2d)]
+    return convs[0].in_channels, convs[-1].out_channels, convs[0].dilation[0]
+
+
+def rebuild(net: Net, names: list[str], make: Callable[[nn.Module], nn.Module]) -> Net:
+    """Replace each named submodule of `net` by make(submodule)."""
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent), child, make(net.get_submodule(name)))
+    return net
+
+
+def strided(net: Net) -> Net:
+    """The classic downsampling: each shrinking convolution becomes a 3x3 with stride 2 (32 -> 16 -> 8 -> 4)."""
+
+    def make(block: nn.Module) -> nn.Module:
+        new = type(block)(*geometry(block)[:2])
+        next(m for m in new if isinstance(m, nn.Conv2d)).stride = (2, 2)
+        return new
+
+    return rebuild(net, list(SHRINKING), make)
+
+
+def max_pooled(net: Net) -> Net:
+    """Each shrinking convolution becomes a padded 3x3 followed by 2x2 max pooling (32 -> 16 -> 8 -> 4)."""
+    return rebuild(net, list(SHRINKING), lambda b: nn.Sequential(type(b)(*geometry(b)[:2]), nn.MaxPool2d(2)))
+
+
+def dense(net: Net) -> Net:
+    """Every depthwise-separable convolution becomes a dense 3x3 of the same geometry."""
+    names = [n for n, m in net.named_modules() if isinstance(m, SeparableConv)]
+    return rebuild(net, names, lambda b: ConvBNReLU(*geometry(b)[:2], dilation=geometry(b)[2], padding=b[0].padding[0]))
+
+
+def without_residuals(net: Net) -> Net:
+    """Every skip connection dropped: x + f(x) becomes f(x)."""
+    return rebuild(net, [n for n, m in net.named_modules() if isinstance(m, Residual)], lambda r: r.f)
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One change to the shipped configuration: recipe fields, Net keywords, and the S9 rule it breaks."""
+    """One change to the shipped configuration: recipe fields or a rebuilt network, and the S9 rule it breaks."""
 
     name: str
     breaks: str
     recipe: dict[str, Any] = field(default_factory=dict)
-    net: dict[str, Any] = field(default_factory=dict)
+    network: Callable[[Net], Net] | None = None
 
     def applied_to(self, base: Recipe) -> Recipe:
         """The base recipe with this variant's fields changed."""
         return replace(base, **self.recipe)
 
-    def network(self, base: Recipe = RECIPE) -> Net:
-        """This variant's Net, at the widths its recipe gives: one place builds it for training and timing."""
-        return Net(self.applied_to(base).widths, **self.net)
+    def net(self, base: Recipe = RECIPE) -> Net:
+        """This variant's network, at the widths its recipe gives: one place builds it for training and timing."""
+        net = Net(self.applied_to(base).widths)
+        return self.network(net) if self.network else net
 
 
 NO_AUGMENTATION = {"flip_p": 0.0, "shift_scale_rotate_p": 0.0, "coarse_dropout_p": 0.0}
 VARIANTS = (
     Variant("shipped", "none"),
-    Variant("stride-2 downsampling", "no stride > 1 (downsampling by dilated kernels)", net={"downsample": "stride"}),
-    Variant("max-pool downsampling", "no MaxPooling (downsampling by dilated kernels)", net={"downsample": "maxpool"}),
-    Variant("dense 3x3 in C3/C4", "depthwise-separable conv; < 200k parameters", net={"separable": False}),
-    Variant("no residual connections", "none", net={"residual": False}),
+    Variant("stride-2 downsampling", "no stride > 1 (downsampling by dilated kernels)", network=strided),
+    Variant("max-pool downsampling", "no MaxPooling (downsampling by dilated kernels)", network=max_pooled),
+    Variant("dense 3x3 in C3/C4", "depthwise-separable conv; < 200k parameters", network=dense),
+    Variant("no residual connections", "none", network=without_residuals),
     Variant("no augmentation", "the three albumentations transforms", recipe=NO_AUGMENTATION),
     Variant("no HorizontalFlip", "HorizontalFlip", recipe={"flip_p": 0.0}),
     Variant("no ShiftScaleRotate", "ShiftScaleRotate", recipe={"shift_scale_rotate_p": 0.0}),
@@ -75,6 +122,10 @@ LEVERS = (
         "none",
         recipe={"coarse_dropout_p": 0.25, "widths": (24, 48, 112, 128)},
     ),
+    Variant("40 epochs", "none", recipe={"epochs": 40}),  # the longest schedule the accuracy target allows
+    Variant("batch 256, peak lr 0.1", "none", recipe={"batch_size": 256, "max_lr": 0.1}),  # twice the steps
+    Variant("label smoothing 0.2", "none", recipe={"label_smoothing": 0.2}),
+    Variant("CoarseDropout p=0.25, 40 epochs", "none", recipe={"coarse_dropout_p": 0.25, "epochs": 40}),
 )
 BY_NAME = {v.name: v for v in VARIANTS + LEVERS}  # table order: the ablation's variants, then the levers
 
@@ -84,16 +135,28 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
-def train_variant(variant: Variant, base: Recipe, seed: int, sizes: tuple, data: Any, runs: Path) -> dict[str, Any]:
+def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Path) -> dict[str, Any]:
     """Train one variant for one seed (resuming its checkpoint if there is one) and return its row."""
     recipe = replace(variant.applied_to(base), seed=seed)
     seed_everything(seed)
     device = pick_device()
-    loaders = make_loaders(recipe.batch_size, seed, device, None, *sizes, data=data, augment=augmentations(recipe))
-    model = variant.network(base)
+    loaders = make_loaders(
+        data, batch_size=recipe.batch_size, augment=recipe.augmentations(data.mean), seed=seed, device=device
+    )
+    model = variant.net(base)
     checkpoint = runs / f"{slug(variant.name)}-seed{seed}.pt"
-    result = fit_recipe(
-        model, *loaders, recipe, device=device, checkpoint=checkpoint, signature={"variant": variant.name}
+    optimizer, schedule = recipe.optimizer_and_schedule(model, len(loaders[0]))
+    result = fit(
+        model,
+        *loaders,
+        epochs=recipe.epochs,
+        optimizer=optimizer,
+        scheduler=schedule,
+        label_smoothing=recipe.label_smoothing,
+        device=device,
+        checkpoint=checkpoint,
+        config={**recipe.record(), "variant": variant.name},
+        tta=True,
     )
     row = {
         "variant": variant.name,
@@ -124,7 +187,7 @@ def train_speeds(names: list[str], batch_size: int, steps: int) -> dict[str, flo
     """
     device = pick_device()
     precision = precision_policy(device)
-    return {name: step_rate(device, precision, True, batch_size, steps, BY_NAME[name].network()) for name in names}
+    return {name: step_rate(device, precision, True, batch_size, steps, BY_NAME[name].net()) for name in names}
 
 
 def table(rows: list[dict[str, Any]], speeds: dict[str, float], quick: bool) -> str:
@@ -157,16 +220,22 @@ def table(rows: list[dict[str, Any]], speeds: dict[str, float], quick: bool) -> 
 
 
 def picture(rows: list[dict[str, Any]], path: Path) -> None:
-    """Test accuracy of each variant against the shipped one, as horizontal bars."""
+    """Each variant's accuracy minus the shipped one's, as horizontal bars around a zero line (shipped on top)."""
     names = list(dict.fromkeys(r["variant"] for r in rows))
-    accs = [statistics.mean(r["test_acc"] for r in rows if r["variant"] == n) for n in names]
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(names) + 1.2))
-    ax.barh(names[::-1], accs[::-1], color=["tab:green" if n == "shipped" else "steelblue" for n in names[::-1]])
-    ax.bar_label(ax.containers[0], fmt="%.2f", fontsize=8)
-    ax.axvline(accs[0] if names[0] == "shipped" else 0, color="grey", linestyle=":")
-    schedule = f"{rows[0]['epochs']} epochs on {rows[0]['train_images']:,} train images, {rows[0]['date']}"
-    split = rows[0].get("evaluated_on", "test")
-    ax.set(xlabel=f"final-epoch {split} accuracy %", xlim=(min(accs) - 5, max(accs) + 3), title=f"Ablation: {schedule}")
+    accs = {n: statistics.mean(r["test_acc"] for r in rows if r["variant"] == n) for n in names}
+    base = accs.get("shipped", 0.0)
+    deltas = [accs[n] - base for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(names) + 1.4))
+    ax.barh(names[::-1], deltas[::-1], color=["tab:red" if d < 0 else "tab:green" for d in deltas[::-1]])
+    ax.bar_label(ax.containers[0], labels=[f"{accs[n]:.2f}%" for n in names[::-1]], fontsize=8, padding=3)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.margins(x=0.25)
+    first, split = rows[0], rows[0].get("evaluated_on", "test")
+    ax.set(
+        xlabel=f"final-epoch {split} accuracy minus the shipped network's ({base:.2f}%), points",
+        title=f"Ablation: {first['epochs']} epochs on {first['train_images']:,} train images, seeds "
+        f"{sorted({r['seed'] for r in rows})}, {first['date']}\n(a short schedule: it ranks techniques for short runs)",
+    )
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
 
@@ -195,16 +264,18 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(BY_NAME),
         help="the ablation's variants (default) and/or the levers that keep every S9 rule",
     )
-    p.add_argument("--out", default="Results/ablation", help="table, picture and the per-run records")
+    p.add_argument("--out", default="Results/experiments/ablation", help="table, picture and the per-run records")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_TRAIN_IMAGES} / {QUICK_TEST_IMAGES} images, 1 epoch")
     a = p.parse_args(argv)
     base = replace(RECIPE, epochs=1 if a.quick else a.epochs, batch_size=a.batch_size)
-    sizes = (QUICK_TRAIN_IMAGES, QUICK_TEST_IMAGES) if a.quick else (a.train_images, None)
     out, runs = Path(a.out), Path(a.out) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     data, rows = cifar10(), []
     if a.validation:
         data = hold_out(data, a.validation, seed=0)  # one split for every variant and seed
+    if a.quick or a.train_images:
+        sizes = (QUICK_TRAIN_IMAGES, QUICK_TEST_IMAGES) if a.quick else (a.train_images, None)
+        data = subsample(data, train_images=sizes[0], test_images=sizes[1])
     print(f"ablation on {hardware(pick_device())}: {len(a.variants)} variants x seeds {a.seeds} -> {out}/", flush=True)
     for variant in (v for name, v in BY_NAME.items() if name in a.variants):
         for seed in a.seeds:
@@ -214,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== {variant.name}, seed {seed}: done before", flush=True)
                 continue
             print(f"\n== {variant.name}, seed {seed}", flush=True)
-            rows.append(train_variant(variant, base, seed, sizes, data, runs))
+            rows.append(train_variant(variant, base, seed, data, runs))
     print("\n== train speed of each network, timed together", flush=True)
     speeds = train_speeds(list(dict.fromkeys(r["variant"] for r in rows)), base.batch_size, 1 if a.quick else 5)
     (out / "ablation.md").write_text(table(rows, speeds, a.quick))

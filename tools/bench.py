@@ -17,15 +17,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import torch
 import torch.nn as nn
+from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
-from helpers.backprop import batch_statistics, make_optimizer, seed_everything, to_input, train_step
-from helpers.dataset import ImageData, cifar10, default_workers, make_loaders, subset, train_transforms
+from helpers.backprop import make_optimizer, seed_everything, train_step
+from helpers.dataset import CIFAR10_MEAN, CIFAR10_STD, ImageData, cifar10, default_workers, make_loaders, subsample
 from helpers.device import Precision, grad_scaler, hardware, pick_device, precision_policy
 from helpers.model import Net
+from helpers.recipe import RECIPE
 
 DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -34,7 +37,9 @@ class NaiveCIFAR10(Dataset):
     """The per-image loader this kit replaced: augment, Normalize and ToTensorV2 per image, default collate."""
 
     def __init__(self, images: np.ndarray, labels: list[int], seed: int = 0):
-        self.images, self.labels, self.transform = images, labels, train_transforms(seed)
+        augment = RECIPE.augmentations(CIFAR10_MEAN)
+        self.transform = A.Compose([*augment, A.Normalize(CIFAR10_MEAN, CIFAR10_STD), ToTensorV2()], seed=seed)
+        self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return len(self.images)
@@ -43,11 +48,10 @@ class NaiveCIFAR10(Dataset):
         return self.transform(image=self.images[i])["image"], self.labels[i]
 
 
-def naive_loader(data: ImageData, batch_size: int, workers: int, device: torch.device, size: int | None) -> DataLoader:
+def naive_loader(data: ImageData, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     """DataLoader over NaiveCIFAR10 with the usual shuffle/workers/pin_memory settings."""
-    images, labels = subset(data.train_images, data.train_labels, size)
     return DataLoader(
-        NaiveCIFAR10(images, labels),
+        NaiveCIFAR10(data.train_images, data.train_labels),
         batch_size=batch_size,
         shuffle=True,
         num_workers=workers,
@@ -78,7 +82,8 @@ def trainer(
     """One training step of `model` (default a fresh Net) at `precision`, with fp16's GradScaler, as fit runs it."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = (model or Net()).to(device, memory_format=fmt)
-    optimizer, scaler = make_optimizer(model, lr=0.01), grad_scaler(device, precision)
+    optimizer = make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scaler = grad_scaler(device, precision)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         train_step(model, x.contiguous(memory_format=fmt), y, optimizer, dtype=precision.dtype, scaler=scaler)
@@ -109,14 +114,14 @@ def step_rate(
 
 
 def epoch_seconds(loader: DataLoader, device: torch.device, precision: Precision) -> float:
-    """Wall seconds of one training epoch over a loader (uint8 batches normalized on the device), after a warm-up."""
-    step, stats = trainer(device, precision), batch_statistics(loader)
-    images, labels = next(iter(loader))
-    step(to_input(images, device, stats), labels.to(device))  # warm-up outside the timer
+    """Wall seconds of one training epoch over a loader (its batches moved to the device), after a warm-up."""
+    step = trainer(device, precision)
+    x, y = next(iter(loader))
+    step(x.to(device), y.to(device))  # warm-up outside the timer
     synchronize(device)
     start = time.perf_counter()
-    for images, labels in loader:
-        step(to_input(images, device, stats), labels.to(device, non_blocking=True))
+    for x, y in loader:
+        step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
     synchronize(device)
     return time.perf_counter() - start
 
@@ -168,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {naive} | {fast} |")
         print(lines[-1], flush=True)
 
-    data = cifar10()  # loaded once for every loader below
-    naive = naive_loader(data, a.batch_size, workers, device, size)
-    fast = make_loaders(a.batch_size, 0, device, workers, size, 1000, data=data)[0]
+    data = subsample(cifar10(), train_images=size, test_images=1000)  # loaded once for every loader below
+    naive = naive_loader(data, a.batch_size, workers, device)
+    augment = RECIPE.augmentations(data.mean)
+    fast = make_loaders(data, batch_size=a.batch_size, augment=augment, device=device, num_workers=workers)[0]
     row(
         f"loader images/s ({batches} batches)",
         f"{loader_rate(naive, batches):,.0f}",
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{epoch_seconds(fast, device, precision):.2f}",
     )
     for count in compare:
-        loader = make_loaders(a.batch_size, 0, device, count, size, 1000, data=data)[0]
+        loader = make_loaders(data, batch_size=a.batch_size, augment=augment, device=device, num_workers=count)[0]
         row(f"one training epoch, s, {count} loader workers", "", f"{epoch_seconds(loader, device, precision):.2f}")
     for dtype in dict.fromkeys((None, precision.dtype)):
         setting = Precision(dtype, "benchmark")

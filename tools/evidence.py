@@ -1,8 +1,8 @@
 """The whole proof on one machine: `python -m tools.evidence` benchmarks, trains the shipped and the speed
 configuration for three seeds each, executes the notebook, and writes one summary table.
 
-Outputs go under Results/<hardware>/ (bench.md, shipped/seed*/, speed/seed*/, summary.md); the notebook's
-full run rewrites S9.ipynb, Results/ and training_logs.md, the committed evidence. Each seed trains in a
+Outputs go under Results/experiments/<hardware>/ (bench.md, shipped/seed*/, speed/seed*/, summary.md); the
+notebook's full run rewrites S9.ipynb, Results/ and training_logs.md, the committed evidence. Each seed trains in a
 process of its own (`python3 train.py`), so every seed pays the same start-up and cuDNN autotuning and is
 timed alike. --copy-to DIR also leaves the summary and one archive of everything there. --quick runs every
 step on a few hundred images, to test the path.
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.evidence", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="every step on a few hundred images: tests the path")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="which parts to run (default: all)")
-    p.add_argument("--results", default=str(ROOT / "Results"), help="the folder that gets <hardware>/")
+    p.add_argument("--results", default=str(ROOT / "Results" / "experiments"), help="the folder that gets <hardware>/")
     p.add_argument("--copy-to", default=None, help="also leave the summary and an archive of everything here")
     a = p.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")  # a log of per-epoch lines, not of redrawn bars

@@ -1,4 +1,4 @@
-"""Receptive field and multiply-accumulates of any CNN, read off one forward pass.
+"""What a CNN sees and costs: its receptive field, multiply-accumulates and parameters, and torchsummary's table.
 
 The tracer follows every tensor the forward pass makes, so residual branches, shortcut convs,
 concatenations and functional pooling are counted as they really run, not as a chain of layers.
@@ -6,11 +6,13 @@ concatenations and functional pooling are counted as they really run, not as a c
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torchsummary
 from torch.overrides import TorchFunctionMode
 
 
@@ -135,9 +137,10 @@ def receptive_field(model: nn.Module, input_size: tuple[int, int, int] = (3, 32,
     """The receptive-field table: every convolution and pooling forward runs, in order, with the
     field of the longest path into it (rf_out = rf_in + dilation * (kernel - 1) * jump_in,
     jump_out = jump_in * stride). Residual branches and shortcut convs are followed, not chained.
-    For Net the last row is the global average pool, whose kernel is the whole final map.
+    A pooling down to 1x1 (global average pooling) sees the whole map and has no row: the last row's
+    rf_out is the total receptive field.
     """
-    return _trace_receptive_field(model, input_size).rows
+    return [row for row in _trace_receptive_field(model, input_size).rows if row.size_out > 1]
 
 
 def total_receptive_field(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> int:
@@ -181,3 +184,14 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32))
         for h in hooks:
             h.remove()
     return total
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Every weight, frozen ones included: the number the assignment caps at 200,000."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def summary(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> None:
+    """torchsummary's table, on a CPU copy: its default "cuda" fails elsewhere, and BatchNorm keeps its statistics."""
+    torchsummary.summary(copy.deepcopy(model).cpu().float(), input_size, device="cpu")
+    print(f"Multiply-accumulates per image: {count_macs(model, input_size) / 1e6:.1f} M")
