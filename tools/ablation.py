@@ -126,6 +126,11 @@ LEVERS = (
     Variant("batch 256, peak lr 0.1", "none", recipe={"batch_size": 256, "max_lr": 0.1}),  # twice the steps
     Variant("label smoothing 0.2", "none", recipe={"label_smoothing": 0.2}),
     Variant("CoarseDropout p=0.25, 40 epochs", "none", recipe={"coarse_dropout_p": 0.25, "epochs": 40}),
+    Variant(
+        "batch 256, peak lr 0.1 + CoarseDropout p=0.25",
+        "none",
+        recipe={"batch_size": 256, "max_lr": 0.1, "coarse_dropout_p": 0.25},
+    ),
 )
 BY_NAME = {v.name: v for v in VARIANTS + LEVERS}  # table order: the ablation's variants, then the levers
 
