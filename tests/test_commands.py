@@ -88,6 +88,15 @@ def test_quick_ablation_writes_its_table_and_resumes_only_what_is_missing(cifar_
     assert (tmp_path / "ablation.md").read_text().count("\n| ") == table.count("\n| ")
 
 
+def test_cost_only_times_each_network_against_the_first_without_loading_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "nowhere"))  # no data: nothing trains
+    name = "C1/C2 inverted residuals at full resolution"
+    assert ablation.main(["--cost-only", "--quick", "--out", str(tmp_path), "--variants", "shipped", name]) == 0
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in (tmp_path / "cost.md").read_text().splitlines()}
+    assert rows["shipped"][1] == f"{count_parameters(Net()):,}" and rows["shipped"][-1] == "1.00 |"
+    assert rows[name][1] == f"{count_parameters(ablation.BY_NAME[name].net()):,}" and float(rows[name][-1][:-2]) > 0
+
+
 def test_every_ablation_variant_changes_the_shipped_net_or_recipe_in_the_one_way_its_name_says():
     nets = {v.name: v.net() for v in ablation.VARIANTS}
     assert len({repr(n) for n in nets.values()}) == 5  # shipped, stride, max-pool, dense, no residual

@@ -78,6 +78,28 @@ def without_residuals(net: Net) -> Net:
     return rebuild(net, [n for n, m in net.named_modules() if isinstance(m, Residual)], lambda r: r.f)
 
 
+def inverted_residual(c: int, expand: int = 2, kernel: int = 5) -> Residual:
+    """MobileNetV2's block: 1x1 up to expand * c, a large depthwise kernel, 1x1 back down; most weights are 1x1."""
+    e = expand * c
+    return Residual(
+        *(nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.ReLU(inplace=True)),
+        *(nn.Conv2d(e, e, kernel, padding=kernel // 2, groups=e, bias=False), nn.BatchNorm2d(e), nn.ReLU(inplace=True)),
+        *(nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c)),
+    )
+
+
+def full_resolution(net: Net) -> Net:
+    """The anchors' way to spend (xvel/cifar10-tiniest): C1 and C2 as inverted residuals, 48 and 64 channels wide.
+
+    Compute moves to the 32x32 and 24x24 maps and weights into 1x1 convolutions; C3, C4 and every rule stay.
+    """
+    net.c1 = nn.Sequential(
+        ConvBNReLU(3, 48), inverted_residual(48), inverted_residual(48), SeparableConv(48, 64, dilation=4, padding=0)
+    )
+    net.c2 = nn.Sequential(inverted_residual(64), inverted_residual(64), SeparableConv(64, 96, dilation=4, padding=0))
+    return net
+
+
 @dataclass(frozen=True)
 class Variant:
     """One change to the shipped configuration: recipe fields or a rebuilt network, and the S9 rule it breaks."""
@@ -131,6 +153,7 @@ LEVERS = (
         "none",
         recipe={"batch_size": 256, "max_lr": 0.1, "coarse_dropout_p": 0.25},
     ),
+    Variant("C1/C2 inverted residuals at full resolution", "none", network=full_resolution),
 )
 BY_NAME = {v.name: v for v in VARIANTS + LEVERS}  # table order: the ablation's variants, then the levers
 
@@ -193,6 +216,29 @@ def train_speeds(names: list[str], batch_size: int, steps: int) -> dict[str, flo
     device = pick_device()
     precision = precision_policy(device)
     return {name: step_rate(device, precision, True, batch_size, steps, BY_NAME[name].net()) for name in names}
+
+
+def cost_table(names: list[str], batch_size: int, steps: int) -> str:
+    """What each variant's network costs, without training it: the per-epoch cost rule reads the last column."""
+    speeds = train_speeds(names, batch_size, steps)
+    first = names[0]
+    lines = [
+        "# What each network costs",
+        "",
+        f"Train steps of batch {batch_size}, {steps} per network after a warm-up, timed one after another in one "
+        f"process on {hardware(pick_device())} ({str(precision_policy(pick_device())).split(':')[0]}), "
+        f"{time.strftime('%Y-%m-%d')}.",
+        "",
+        f"| network | parameters | MACs / image | receptive field | train images/s | time per image, x {first} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in names:
+        net = BY_NAME[name].net()
+        lines.append(
+            f"| {name} | {count_parameters(net):,} | {count_macs(net) / 1e6:.1f} M | {total_receptive_field(net)} | "
+            f"{speeds[name]:,.0f} | {speeds[first] / speeds[name]:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def table(rows: list[dict[str, Any]], speeds: dict[str, float], quick: bool) -> str:
@@ -271,7 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default="Results/experiments/ablation", help="table, picture and the per-run records")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_TRAIN_IMAGES} / {QUICK_TEST_IMAGES} images, 1 epoch")
+    p.add_argument("--cost-only", action="store_true", help="time the variants' networks side by side (cost.md)")
     a = p.parse_args(argv)
+    if a.cost_only:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        text = cost_table(a.variants, a.batch_size, 1 if a.quick else 5)
+        (Path(a.out) / "cost.md").write_text(text)
+        print(text, flush=True)
+        return 0
     base = replace(RECIPE, epochs=1 if a.quick else a.epochs, batch_size=a.batch_size)
     out, runs = Path(a.out), Path(a.out) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
