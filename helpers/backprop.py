@@ -8,6 +8,7 @@ from helpers/recipe.py, passed in by the caller.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -252,45 +253,36 @@ def fit(
     torch.backends.cudnn.benchmark = device.type == "cuda"  # few batch shapes: tuned once, then the fastest kernels
     scaler = grad_scaler(device, precision)
     split = getattr(test_loader.dataset, "split", "test")  # "validation" for make_loaders(hold_out(...))
-    data = {"train_images": len(train_loader.dataset), f"{split}_images": len(test_loader.dataset)}
-    config = {**(config or {}), "epochs": epochs, **data}
+    images = {"train_images": len(train_loader.dataset), f"{split}_images": len(test_loader.dataset)}
+    config = {**(config or {}), "epochs": epochs, **images}
     machine = {"hardware": hardware(device), "precision": str(precision)}
     states = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    history = resume(checkpoint, config, machine, states) if checkpoint and Path(checkpoint).exists() else []
+    history = resume(checkpoint, config, machine, states) if checkpoint else []
     for h in history:
         tqdm.write(epoch_line(h, epochs, split, "  (restored)"))
     check_schedule(scheduler, (epochs - len(history)) * len(train_loader))
-    settings, first, logits = {"device": device, "dtype": precision.dtype}, len(history) + 1, None
-    for epoch in range(first, epochs + 1):
+    steps = {"device": device, "dtype": precision.dtype, "label_smoothing": label_smoothing, "scaler": scaler}
+    evaluate = functools.partial(predict, model, test_loader, device=device, dtype=precision.dtype)
+    for epoch in range(first := len(history) + 1, epochs + 1):
         if hasattr(train_loader.sampler, "set_epoch"):  # this kit's sampler: batches a function of (seed, epoch)
             train_loader.sampler.set_epoch(epoch)
         start, lr, desc = time.perf_counter(), optimizer.param_groups[0]["lr"], f"epoch {epoch}/{epochs}"
-        train_loss, train_acc = train(
-            model,
-            train_loader,
-            optimizer,
-            scheduler,
-            **settings,
-            label_smoothing=label_smoothing,
-            scaler=scaler,
-            desc=desc,
-        )
+        train_loss, train_acc = train(model, train_loader, optimizer, scheduler, **steps, desc=desc)
         train_seconds = time.perf_counter() - start
         check_healthy(model, scaler, desc)
-        logits, labels = predict(model, test_loader, **settings)
-        test_loss, test_acc = score(logits, labels)
+        test_loss, test_acc = score(*evaluate())
         history.append(
             {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss}
             | {"test_acc": test_acc, "train_seconds": train_seconds, "seconds": time.perf_counter() - start}
         )
-        left = history[-1]["seconds"] * (epochs - epoch) / 60
+        left = history[-1]["seconds"] * (epochs - epoch) / 60  # said once, after the first epoch this fit trains
         tqdm.write(
             epoch_line(history[-1], epochs, split, f"  (about {left:.0f} min to go)" * (epoch == first < epochs))
         )
         if checkpoint:
             save_checkpoint(checkpoint, config=config, machine=machine, history=history, **states)
-    if logits is None:  # a finished run, resumed: score the restored weights once
-        logits, labels = predict(model, test_loader, **settings)
-    tta_logits = predict(model, test_loader, **settings, tta=True)[0] if tta else None
-    images = config["train_images"]
-    return FitResult(history, logits, labels, tta_logits, images, machine["hardware"], str(precision), split)
+    logits, labels = evaluate()  # the final model, as its last epoch scored it
+    tta_logits = evaluate(tta=True)[0] if tta else None
+    return FitResult(
+        history, logits, labels, tta_logits, len(train_loader.dataset), machine["hardware"], str(precision), split
+    )

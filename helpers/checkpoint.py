@@ -82,11 +82,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def resume(path: str | Path, config: dict, machine: dict, states: dict[str, Any]) -> list[dict[str, float]]:
-    """Restore every object in `states` from the checkpoint of this same run; return its history.
+    """Restore every object in `states` from the checkpoint of this same run; return its history ([]: no file yet).
 
     Refuses, naming the fields that differ, a checkpoint of another config: resuming it would mix two runs.
     The machine is not part of the run: a run goes on on another CPU or a GPU, and says so.
     """
+    if not Path(path).exists():
+        return []
     state = load_checkpoint(path)
     differ = sorted(k for k in config.keys() | state["config"].keys() if config.get(k) != state["config"].get(k))
     if differ:
