@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from helpers.dataset import normalize
 from helpers.measure import count_parameters, total_receptive_field
 from helpers.model import Net
 from helpers.recipe import RECIPE, SPEED_RECIPE
@@ -86,6 +87,18 @@ def test_quick_ablation_writes_its_table_and_resumes_only_what_is_missing(cifar_
     assert ablation.main(args) == 0
     assert trained == ["no CoarseDropout"]
     assert (tmp_path / "ablation.md").read_text().count("\n| ") == table.count("\n| ")
+
+
+def test_patch_whitening_decorrelates_patches_of_images_it_did_not_see_and_stays_frozen(cifar):
+    net = ablation.BY_NAME["patch whitening (frozen 2x2)"].net()
+    ablation.fit_whitening(net, cifar)
+    whitening = net.c1[0][0]
+    unseen = normalize(torch.from_numpy(cifar.test_images[:2000]), cifar.mean, cifar.std)
+    outputs = whitening(unseen)[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    covariance = outputs.T @ outputs / len(outputs)
+    assert (covariance - torch.diag(torch.diag(covariance))).abs().max() < 0.05  # the 12 directions: uncorrelated
+    assert torch.diag(covariance)[4:].sub(1).abs().max() < 0.1  # unit variance but where eps damps the smallest
+    assert not whitening.weight.requires_grad and count_parameters(net) < 200_000  # frozen weights counted
 
 
 def test_cost_only_times_each_network_against_the_first_without_loading_data(tmp_path, monkeypatch):

@@ -24,10 +24,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from helpers.backprop import fit, seed_everything  # noqa: E402
-from helpers.dataset import cifar10, hold_out, make_loaders, subsample  # noqa: E402
+from helpers.dataset import cifar10, hold_out, make_loaders, normalize, subsample  # noqa: E402
 from helpers.device import hardware, pick_device, precision_policy  # noqa: E402
 from helpers.measure import count_macs, count_parameters, total_receptive_field  # noqa: E402
 from helpers.model import ConvBNReLU, Net, Residual, SeparableConv  # noqa: E402
@@ -100,6 +101,42 @@ def full_resolution(net: Net) -> Net:
     return net
 
 
+class PatchWhitening(nn.Conv2d):
+    """airbench's first layer: a frozen 2x2 convolution that decorrelates pixel patches; C1 learns from whitened input.
+
+    24 outputs: each of the 12 principal directions of the data's 2x2 patches, scaled to unit variance, and its
+    negative (the ReLU after it keeps both halves). No padding: 32 -> 31 without a stride. Its 288 weights are
+    frozen, and they count toward the parameter limit.
+    """
+
+    def __init__(self, eps: float = 5e-4):
+        super().__init__(3, 24, 2, bias=False)
+        self.weight.requires_grad_(False)
+        self.eps = eps
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> PatchWhitening:
+        """Set the weights from normalized training images N x 3 x H x W (a few thousand are plenty)."""
+        patches = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+        variances, directions = torch.linalg.eigh(patches.T @ patches / len(patches))
+        w = (directions.T / torch.sqrt(variances + self.eps)[:, None]).reshape(12, 3, 2, 2)
+        self.weight.copy_(torch.cat([w, -w]))
+        return self
+
+
+def patch_whitened(net: Net) -> Net:
+    """A frozen 2x2 patch-whitening layer and a ReLU before C1, whose first convolution then reads 24 channels."""
+    net.c1[0] = nn.Sequential(PatchWhitening(), nn.ReLU(inplace=True), ConvBNReLU(24, net.c1[0][0].out_channels))
+    return net
+
+
+def fit_whitening(model: nn.Module, data: Any) -> None:
+    """Fit every PatchWhitening layer of `model` on the first 5,000 training images (never the evaluation split)."""
+    for layer in model.modules():
+        if isinstance(layer, PatchWhitening):
+            layer.fit(normalize(torch.from_numpy(data.train_images[:5000]), data.mean, data.std))
+
+
 @dataclass(frozen=True)
 class Variant:
     """One change to the shipped configuration: recipe fields or a rebuilt network, and the S9 rule it breaks."""
@@ -154,6 +191,7 @@ LEVERS = (
         recipe={"batch_size": 256, "max_lr": 0.1, "coarse_dropout_p": 0.25},
     ),
     Variant("C1/C2 inverted residuals at full resolution", "none", network=full_resolution),
+    Variant("patch whitening (frozen 2x2)", "none", network=patch_whitened),
 )
 BY_NAME = {v.name: v for v in VARIANTS + LEVERS}  # table order: the ablation's variants, then the levers
 
@@ -172,6 +210,7 @@ def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Pa
         data, batch_size=recipe.batch_size, augment=recipe.augmentations(data.mean), seed=seed, device=device
     )
     model = variant.net(base)
+    fit_whitening(model, data)
     checkpoint = runs / f"{slug(variant.name)}-seed{seed}.pt"
     optimizer, schedule = recipe.optimizer_and_schedule(model, len(loaders[0]))
     result = fit(
