@@ -321,6 +321,8 @@ def subsample(data: ImageData, *, train_images: int | None, test_images: int | N
     """A seeded random `train_images` and `test_images` of `data` (None: all of a split), for quick runs and tests."""
 
     def pick(images: np.ndarray, labels: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+        if size is None:
+            return images, labels
         keep = np.random.default_rng(seed).permutation(len(images))[:size]
         return images[keep], labels[keep]
 
@@ -347,8 +349,6 @@ def make_loaders(
     batches an uninterrupted one would; seed=None takes torch's, so seed_everything(seed) alone fixes them.
     `hold_out(cifar10(), 5000)` as `data` makes the second a validation loader.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     seed = torch.initial_seed() % 2**31 if seed is None else seed
     workers = default_workers(device) if num_workers is None else num_workers
     pipeline = A.Compose(list(augment)) if augment else None
@@ -358,6 +358,7 @@ def make_loaders(
         (data.evaluation, data.test_images, data.test_labels),
     ):
         train = split == "train"
+        sampler = SeededBatchSampler(len(images), batch_size, shuffle=train, seed=seed)  # refuses a bad batch_size
         dataset = ImageDataset(
             images,
             labels,
@@ -367,7 +368,6 @@ def make_loaders(
             classes=data.classes,
             split=split,
         )
-        sampler = SeededBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed)
         # the evaluation split has no transform: indexing it in the main process is fastest
         loaders.append(ReadyLoader(dataset, sampler, device, workers if train else 0))
     return loaders[0], loaders[1]

@@ -223,3 +223,10 @@ def test_fit_reports_a_held_out_split_as_validation(cifar, capsys):
     result = B.fit(model, *loaders, epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
     assert result.evaluated_on == "validation"
     assert " validation " in capsys.readouterr().out
+
+
+def test_make_loaders_refuses_a_batch_size_below_one_and_subsample_keeps_a_split_it_was_not_asked_to_cut(cifar):
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        ds.make_loaders(cifar, batch_size=0)
+    kept = ds.subsample(cifar, train_images=100, test_images=None)
+    assert len(kept.train_images) == 100 and kept.test_images is cifar.test_images
