@@ -88,6 +88,7 @@ class _ReceptiveFieldTracer(TorchFunctionMode):
         self.rows: list[RFRow] = []
         self.module_names = module_names  # the stack of modules now running (innermost last)
         self.last_map_rf = 0
+        self.macs = 0  # multiply-accumulates of every convolution and linear layer forward runs
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
@@ -95,6 +96,8 @@ class _ReceptiveFieldTracer(TorchFunctionMode):
         name = getattr(func, "__name__", "").lstrip("_")
         traced = [self.fields[id(t)] for t in _tensors(args) + _tensors(list(kwargs.values())) if id(t) in self.fields]
         rf, jump = max(traced, default=(1, 1))
+        if name in ("conv2d", "linear"):  # weight: out x in/groups x kh x kw, or out x in
+            self.macs += out.numel() * args[1][0].numel()
         if name in _GEOMETRY and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
             x, y = args[0], out[0] if isinstance(out, tuple) else out
             kernel, dilation, stride, padding = _GEOMETRY[name](*args, **kwargs)
@@ -163,27 +166,8 @@ def format_receptive_field(rows: list[RFRow]) -> str:
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> int:
-    """Multiply-accumulates per image of every conv and linear layer (what the hardware pays)."""
-    total = 0
-
-    def count(m: nn.Module, inputs: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += y[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        else:
-            total += m.in_features * m.out_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    try:
-        p = next(model.parameters())
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return total
+    """Multiply-accumulates per image of every convolution and linear layer forward runs (what the hardware pays)."""
+    return _trace_receptive_field(model, input_size).macs
 
 
 def count_parameters(model: nn.Module) -> int:
