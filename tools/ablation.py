@@ -192,6 +192,12 @@ LEVERS = (
     ),
     Variant("C1/C2 inverted residuals at full resolution", "none", network=full_resolution),
     Variant("patch whitening (frozen 2x2)", "none", network=patch_whitened),
+    Variant(
+        "patch whitening + batch 256, peak lr 0.1 + CoarseDropout p=0.25",
+        "none",
+        recipe={"batch_size": 256, "max_lr": 0.1, "coarse_dropout_p": 0.25},
+        network=patch_whitened,
+    ),
 )
 BY_NAME = {v.name: v for v in VARIANTS + LEVERS}  # table order: the ablation's variants, then the levers
 
