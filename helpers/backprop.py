@@ -263,6 +263,7 @@ def fit(
     check_schedule(scheduler, (epochs - len(history)) * len(train_loader))
     steps = {"device": device, "dtype": precision.dtype, "label_smoothing": label_smoothing, "scaler": scaler}
     evaluate = functools.partial(predict, model, test_loader, device=device, dtype=precision.dtype)
+    logits = labels = None
     for epoch in range(first := len(history) + 1, epochs + 1):
         if hasattr(train_loader.sampler, "set_epoch"):  # this kit's sampler: batches a function of (seed, epoch)
             train_loader.sampler.set_epoch(epoch)
@@ -270,7 +271,8 @@ def fit(
         train_loss, train_acc = train(model, train_loader, optimizer, scheduler, **steps, desc=desc)
         train_seconds = time.perf_counter() - start
         check_healthy(model, scaler, desc)
-        test_loss, test_acc = score(*evaluate())
+        logits, labels = evaluate()
+        test_loss, test_acc = score(logits, labels)
         history.append(
             {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss}
             | {"test_acc": test_acc, "train_seconds": train_seconds, "seconds": time.perf_counter() - start}
@@ -281,8 +283,9 @@ def fit(
         )
         if checkpoint:
             save_checkpoint(checkpoint, config=config, machine=machine, history=history, **states)
-    logits, labels = evaluate()  # the final model, as its last epoch scored it
+    if logits is None:  # every epoch was restored: score the restored weights once
+        logits, labels = evaluate()
     tta_logits = evaluate(tta=True)[0] if tta else None
     return FitResult(
-        history, logits, labels, tta_logits, len(train_loader.dataset), machine["hardware"], str(precision), split
+        history, logits, labels, tta_logits, images["train_images"], machine["hardware"], str(precision), split
     )
