@@ -198,6 +198,7 @@ LEVERS = (
         recipe={"batch_size": 256, "max_lr": 0.1, "coarse_dropout_p": 0.25},
         network=patch_whitened,
     ),
+    Variant("patch whitening + label smoothing 0.2", "none", recipe={"label_smoothing": 0.2}, network=patch_whitened),
 )
 BY_NAME = {v.name: v for v in VARIANTS + LEVERS}  # table order: the ablation's variants, then the levers
 
