@@ -23,7 +23,6 @@ from helpers.checkpoint import CheckpointError
 from helpers.dataset import DatasetNotFoundError, cifar10, make_loaders, subsample
 from helpers.device import hardware, pick_device, precision_policy
 from helpers.measure import count_parameters, format_receptive_field, receptive_field, total_receptive_field
-from helpers.model import Net
 from helpers.recipe import QUICK_TEST_IMAGES, QUICK_TRAIN_IMAGES, RECIPE, SPEED_RECIPE, Recipe
 from helpers.results import accuracy_line, save_plots, write_results
 
@@ -64,7 +63,7 @@ def run(recipe: Recipe, out: Path, log: Path, checkpoint: Path, quick: bool, wor
         device=device,
         num_workers=workers,
     )
-    model = Net(recipe.widths)
+    model = recipe.network(data)
     print(f"Net: {count_parameters(model):,} parameters, receptive field {total_receptive_field(model)}")
     print(f"on {hardware(device)}; precision: {precision_policy(device)}")
     print(format_receptive_field(receptive_field(model)))

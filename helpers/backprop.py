@@ -49,9 +49,9 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD with Nesterov momentum; decay only conv/linear weights (decaying BatchNorm scales just fights BN)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    """SGD with Nesterov momentum over the trainable parameters; decay only conv/linear weights, not BatchNorm's."""
+    trainable = [p for p in model.parameters() if p.requires_grad]  # frozen layers (Net's whitening) stay as fitted
+    decay, no_decay = [p for p in trainable if p.ndim > 1], [p for p in trainable if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
 

@@ -18,8 +18,15 @@ import torch
 import torch.nn as nn
 
 from .backprop import make_optimizer
-from .dataset import mean_pixel
-from .model import WIDTHS
+from .dataset import ImageData, mean_pixel, normalize
+from .model import WIDTHS, Net
+
+WHITENING_IMAGES = 5000  # the frozen whitening's sample: 12 x 12 patch statistics settle long before this (airbench's)
+
+
+def whitening_sample(data: ImageData) -> torch.Tensor:
+    """The first WHITENING_IMAGES training images, normalized: what Net's frozen whitening is fitted to."""
+    return normalize(torch.from_numpy(data.train_images[:WHITENING_IMAGES]), data.mean, data.std)
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,7 @@ class Recipe:
     """Everything that decides an S9 training run (the machine's choices live in device.precision_policy)."""
 
     # the schedule
-    epochs: int = 30  # one-cycle length: long enough for the 85% bar with room to spare
+    epochs: int = 40  # the most the accuracy target allows; still underfitting there (train accuracy < validation)
     batch_size: int = 512  # ~100 steps per epoch: enough updates, and a batch that keeps a GPU busy
     max_lr: float = 0.2  # one-cycle peak for batch 512; the notebook's LR range test shows where it sits
     warmup_fraction: float = 0.25  # linear warm-up from max_lr/10 over this share of the steps, then linear to ~0
@@ -37,6 +44,7 @@ class Recipe:
     seed: int = 0  # python, numpy, torch, and through them batch order and augmentations
     # the network
     widths: tuple[int, int, int, int] = WIDTHS  # C1..C4 channels, the network's own (model.py): under 200k
+    # (Net's frozen patch whitening: on validation, 40 epochs, 89.68% over two seeds; 89.08% without it)
     # the augmentations (uint8 pixel space, before normalization)
     flip_p: float = 0.5  # every CIFAR-10 class is left-right symmetric
     shift_limit: float = 0.0625  # +-2 px: CIFAR objects are centred and fill the frame
@@ -77,6 +85,10 @@ class Recipe:
             ),
         ]
 
+    def network(self, data: ImageData) -> Net:
+        """The recipe's Net, its frozen whitening fitted to `data`'s training images (never its evaluation split)."""
+        return Net(self.widths).fit_whitening(whitening_sample(data))
+
     def optimizer_and_schedule(
         self, model: nn.Module, steps_per_epoch: int
     ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.OneCycleLR]:
@@ -96,7 +108,8 @@ class Recipe:
 
 
 RECIPE = Recipe()
-# The speed configuration: the shipped recipe on the shortest schedule measured to end at >= 85% (Results/runs.md).
+# The speed configuration: the recipe on 15 epochs, the shortest schedule measured to end at >= 85% (two seeds,
+# Results/runs.md), measured before C1 gained its whitening layer; the whitened network's is not measured yet.
 SPEED_RECIPE = replace(RECIPE, epochs=15)
 
 TARGET_ACCURACY = 85.0  # the assignment's bar, on the plain (no TTA) final-epoch test accuracy

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import train
-from helpers.dataset import normalize
+from helpers.dataset import subsample
 from helpers.measure import count_parameters, total_receptive_field
 from helpers.model import Net
-from helpers.recipe import RECIPE, SPEED_RECIPE
+from helpers.recipe import QUICK_TEST_IMAGES, QUICK_TRAIN_IMAGES, RECIPE, SPEED_RECIPE, whitening_sample
 from helpers.results import time_to_target
 from tools import ablation, bench
 
@@ -22,7 +22,7 @@ def test_time_to_target_counts_training_seconds_until_the_first_epoch_at_85():
     assert time_to_target(history[:2]) == (None, None)
 
 
-def test_quick_run_writes_logs_metrics_plots_and_loadable_weights(cifar_root, tmp_path, monkeypatch, capsys):
+def test_quick_run_writes_logs_metrics_plots_and_loadable_weights(cifar, cifar_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CIFAR10_ROOT", str(cifar_root))
     assert train.main(["--quick", "--workers", "0", "--out", str(tmp_path)]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -37,7 +37,11 @@ def test_quick_run_writes_logs_metrics_plots_and_loadable_weights(cifar_root, tm
     log = (tmp_path / "training_logs.md").read_text()
     assert "QUICK" in log and metrics["device"] in log and f"{metrics['final_test_acc_tta']:.2f}% with flip TTA" in log
     assert "with flip TTA" in capsys.readouterr().out
-    Net().load_state_dict(torch.load(tmp_path / "s9_net.pt", weights_only=True))
+    trained = Net()
+    trained.load_state_dict(torch.load(tmp_path / "s9_net.pt", weights_only=True))
+    quick = subsample(cifar, train_images=QUICK_TRAIN_IMAGES, test_images=QUICK_TEST_IMAGES, seed=RECIPE.seed)
+    fitted = Net().fit_whitening(whitening_sample(quick))  # the frozen layer was fitted to the run's own train images
+    assert torch.equal(trained.c1[0].weight, fitted.c1[0].weight)
 
 
 def test_help_shows_every_default_and_the_environment(capsys):
@@ -89,18 +93,6 @@ def test_quick_ablation_writes_its_table_and_resumes_only_what_is_missing(cifar_
     assert (tmp_path / "ablation.md").read_text().count("\n| ") == table.count("\n| ")
 
 
-def test_patch_whitening_decorrelates_patches_of_images_it_did_not_see_and_stays_frozen(cifar):
-    net = ablation.BY_NAME["patch whitening (frozen 2x2)"].net()
-    ablation.fit_whitening(net, cifar)
-    whitening = net.c1[0][0]
-    unseen = normalize(torch.from_numpy(cifar.test_images[:2000]), cifar.mean, cifar.std)
-    outputs = whitening(unseen)[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
-    covariance = outputs.T @ outputs / len(outputs)
-    assert (covariance - torch.diag(torch.diag(covariance))).abs().max() < 0.05  # the 12 directions: uncorrelated
-    assert torch.diag(covariance)[4:].sub(1).abs().max() < 0.1  # unit variance but where eps damps the smallest
-    assert not whitening.weight.requires_grad and count_parameters(net) < 200_000  # frozen weights counted
-
-
 def test_cost_only_times_each_network_against_the_first_without_loading_data(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "nowhere"))  # no data: nothing trains
     name = "C1/C2 inverted residuals at full resolution"
@@ -112,7 +104,7 @@ def test_cost_only_times_each_network_against_the_first_without_loading_data(tmp
 
 def test_every_ablation_variant_changes_the_shipped_net_or_recipe_in_the_one_way_its_name_says():
     nets = {v.name: v.net() for v in ablation.VARIANTS}
-    assert len({repr(n) for n in nets.values()}) == 5  # shipped, stride, max-pool, dense, no residual
+    assert len({repr(n) for n in nets.values()}) == 6  # shipped, stride, max-pool, dense, no residual, no whitening
     assert all(hasattr(RECIPE, key) for v in ablation.VARIANTS for key in v.recipe)
     assert [v.breaks for v in ablation.VARIANTS if v.name == "shipped"] == ["none"]
     convs = {name: [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)] for name, net in nets.items()}
@@ -120,6 +112,12 @@ def test_every_ablation_variant_changes_the_shipped_net_or_recipe_in_the_one_way
     assert sum(isinstance(m, torch.nn.MaxPool2d) for m in nets["max-pool downsampling"].modules()) == 3
     assert not [c for c in convs["dense 3x3 in C3/C4"] if c.groups > 1]
     assert not [m for m in nets["no residual connections"].modules() if isinstance(m, ablation.Residual)]
+    geometry = {
+        n: [(c.in_channels, c.out_channels, c.kernel_size, c.dilation, c.groups) for c in convs[n]] for n in nets
+    }
+    assert geometry["no patch whitening"][1:] == geometry["shipped"][2:]  # only the frozen 2x2 and C1's first differ
+    assert isinstance(convs["shipped"][0], ablation.PatchWhitening) and geometry["no patch whitening"][0][0] == 3
+    assert total_receptive_field(nets["no patch whitening"]) == total_receptive_field(nets["shipped"]) - 1
     x = torch.randn(2, 3, 32, 32)
     assert all(net.eval()(x).shape == (2, 10) for net in nets.values())
 

@@ -8,6 +8,8 @@ import torch.nn as nn
 
 from helpers import measure as RF
 from helpers import model as M
+from helpers.dataset import normalize
+from helpers.recipe import RECIPE, whitening_sample
 
 
 def _convs(net: nn.Module) -> list[nn.Conv2d]:
@@ -28,8 +30,8 @@ def test_no_pooling_but_global_average_and_no_stride_anywhere():
 def test_blocks_shrink_the_map_with_dilated_kernels():
     shrinking = [c for c in _convs(M.Net()) if c.padding == (0, 0) and c.kernel_size == (3, 3)]
     assert len(shrinking) == 3 and all(c.dilation[0] > 1 for c in shrinking)
-    sizes = [row.size_out for row in RF.receptive_field(M.Net()) if row.layer.endswith(("c1.2.0", "c2.1.0", "c3.1.0"))]
-    assert sizes == [24, 16, 8]
+    sizes = [row.size_out for row in RF.receptive_field(M.Net()) if row.layer.endswith(("c1.4.0", "c2.1.0", "c3.1.0"))]
+    assert sizes == [23, 15, 7]  # after the whitening's 2x2 (32 -> 31), each takes 8 pixels off
 
 
 def test_has_a_depthwise_conv_feeding_a_pointwise_conv():
@@ -63,15 +65,28 @@ def test_under_200k_parameters():
     params = RF.count_parameters(net)
     print(f"Net has {params:,} parameters")
     assert params < 200_000
-    net.c1.requires_grad_(False)  # a frozen layer (say, a fixed whitening layer) still counts toward the cap
-    assert RF.count_parameters(net) == params == sum(p.numel() for p in net.parameters())
+    frozen = [p for p in net.parameters() if not p.requires_grad]
+    assert sum(p.numel() for p in frozen) == 288  # the whitening's 24 x 3 x 2 x 2, counted toward the cap
+    assert params == sum(p.numel() for p in net.parameters())
 
 
-@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 32, 32, 3), (2, 3, 16, 16)])
+def test_whitening_decorrelates_patches_of_images_it_did_not_see_and_never_trains(cifar):
+    net = M.Net().fit_whitening(whitening_sample(cifar))
+    whitening = net.c1[0]
+    unseen = normalize(torch.from_numpy(cifar.test_images[:2000]), cifar.mean, cifar.std)
+    outputs = whitening(unseen)[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    covariance = outputs.T @ outputs / len(outputs)
+    assert (covariance - torch.diag(torch.diag(covariance))).abs().max() < 0.05  # the 12 directions: uncorrelated
+    assert torch.diag(covariance)[4:].sub(1).abs().max() < 0.1  # unit variance but where eps damps the smallest
+    optimizer = RECIPE.optimizer_and_schedule(net, steps_per_epoch=10)[0]
+    assert all(p is not whitening.weight for group in optimizer.param_groups for p in group["params"])
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 32, 32, 3), (2, 3, 25, 25)])
 def test_wrong_input_gets_a_clear_error(shape):
     with pytest.raises(
         ValueError,
-        match=re.escape(f"N x 3 x H x W with H, W >= 25 (CIFAR-10: N x 3 x 32 x 32), got torch.float32 {shape}"),
+        match=re.escape(f"N x 3 x H x W with H, W >= 26 (CIFAR-10: N x 3 x 32 x 32), got torch.float32 {shape}"),
     ):
         M.Net()(torch.randn(*shape))
 
@@ -122,7 +137,7 @@ def test_macs_counter_matches_hand_count():
 
 def test_summary_runs_on_a_cpu_model_and_keeps_batchnorm_statistics(capsys):
     net = M.Net()
-    before = net.c1[0][1].running_mean.clone()
+    before = net.c1[2][1].running_mean.clone()
     RF.summary(net)
     out = capsys.readouterr().out
     assert (
@@ -130,4 +145,4 @@ def test_summary_runs_on_a_cpu_model_and_keeps_batchnorm_statistics(capsys):
         and "AdaptiveAvgPool2d" in out
         and "Multiply-accumulates" in out
     )
-    assert torch.equal(before, net.c1[0][1].running_mean)
+    assert torch.equal(before, net.c1[2][1].running_mean)
