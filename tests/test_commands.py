@@ -91,6 +91,11 @@ def test_quick_ablation_writes_its_table_and_resumes_only_what_is_missing(cifar_
     assert ablation.main(args) == 0
     assert trained == ["no CoarseDropout"]
     assert (tmp_path / "ablation.md").read_text().count("\n| ") == table.count("\n| ")
+    row = tmp_path / "runs" / "shipped-seed0.json"
+    row.write_text(json.dumps(json.loads(row.read_text()) | {"params": 187_562}))  # the network before the whitening
+    with pytest.raises(SystemExit, match="another configuration \\(it differs in: params\\)"):
+        ablation.main(args)
+    assert trained == ["no CoarseDropout"]  # refused before training anything
 
 
 def test_cost_only_times_each_network_against_the_first_without_loading_data(tmp_path, monkeypatch):

@@ -221,6 +221,28 @@ def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Pa
     return row
 
 
+def finished_row(path: Path, variant: Variant, base: Recipe, data: Any) -> dict[str, Any] | None:
+    """The saved row of a run this command would train (None: not run yet); refuses, before any training, a row
+    of another configuration under the same name (say, a variant's network before Net changed)."""
+    if not path.exists():
+        return None
+    row = json.loads(path.read_text())
+    expected = {
+        "epochs": variant.applied_to(base).epochs,
+        "train_images": len(data.train_images),
+        "test_images": len(data.test_images),
+        "evaluated_on": data.evaluation,
+        "params": count_parameters(variant.net(base)),
+    }
+    differ = [k for k, v in expected.items() if row.get(k, "test" if k == "evaluated_on" else None) != v]
+    if differ:
+        raise SystemExit(
+            f"{path} is a finished run of another configuration (it differs in: {', '.join(differ)}): "
+            "pass another --out, or delete the file to train the run again"
+        )
+    return row
+
+
 def train_speeds(names: list[str], batch_size: int, steps: int) -> dict[str, float]:
     """Train-step images/s of each variant's network, timed one after another in one quiet pass.
 
@@ -348,15 +370,15 @@ def main(argv: list[str] | None = None) -> int:
         sizes = (QUICK_TRAIN_IMAGES, QUICK_TEST_IMAGES) if a.quick else (a.train_images, None)
         data = subsample(data, train_images=sizes[0], test_images=sizes[1])
     print(f"ablation on {hardware(pick_device())}: {len(a.variants)} variants x seeds {a.seeds} -> {out}/", flush=True)
-    for variant in (v for name, v in BY_NAME.items() if name in a.variants):
-        for seed in a.seeds:
-            done = runs / f"{slug(variant.name)}-seed{seed}.json"
-            if done.exists():
-                rows.append(json.loads(done.read_text()))
-                print(f"== {variant.name}, seed {seed}: done before", flush=True)
-                continue
-            print(f"\n== {variant.name}, seed {seed}", flush=True)
-            rows.append(train_variant(variant, base, seed, data, runs))
+    jobs = [(v, seed) for name, v in BY_NAME.items() if name in a.variants for seed in a.seeds]
+    done = [finished_row(runs / f"{slug(v.name)}-seed{seed}.json", v, base, data) for v, seed in jobs]
+    for (variant, seed), row in zip(jobs, done):
+        if row is not None:
+            rows.append(row)
+            print(f"== {variant.name}, seed {seed}: done before", flush=True)
+            continue
+        print(f"\n== {variant.name}, seed {seed}", flush=True)
+        rows.append(train_variant(variant, base, seed, data, runs))
     print("\n== train speed of each network, timed together", flush=True)
     speeds = train_speeds(list(dict.fromkeys(r["variant"] for r in rows)), base.batch_size, 1 if a.quick else 5)
     (out / "ablation.md").write_text(table(rows, speeds, a.quick))
