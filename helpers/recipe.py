@@ -108,10 +108,9 @@ class Recipe:
 
 
 RECIPE = Recipe()
-# The speed configuration: the recipe on 15 epochs, the shortest schedule measured to end at >= 85% (two seeds,
-# Results/runs.md), measured before C1 gained its whitening layer. The whitened network ended 10 epochs at 85.46% on
-# validation; its shortest schedule on the test set is not measured yet.
-SPEED_RECIPE = replace(RECIPE, epochs=15)
+# The speed configuration: the recipe on 10 epochs, chosen on validation (85.46%, seed 0) and scored once on the
+# test set: 85.17% and 85.45% for seeds 0 and 1 (Results/runs.md). A few tenths over the bar, not a guarantee.
+SPEED_RECIPE = replace(RECIPE, epochs=10)
 
 TARGET_ACCURACY = 85.0  # the assignment's bar, on the plain (no TTA) final-epoch test accuracy
 QUICK_TRAIN_IMAGES, QUICK_TEST_IMAGES = 512, 256  # quick mode: a smoke test of the whole path, not a result
