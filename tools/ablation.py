@@ -175,6 +175,11 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
+def run_file(runs: Path, variant: Variant, seed: int, suffix: str) -> Path:
+    """Where one run of a variant keeps its record (.json) or checkpoint (.pt): one name for writing and resuming."""
+    return runs / f"{slug(variant.name)}-seed{seed}{suffix}"
+
+
 def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Path) -> dict[str, Any]:
     """Train one variant for one seed (resuming its checkpoint if there is one) and return its row."""
     recipe = replace(variant.applied_to(base), seed=seed)
@@ -185,7 +190,7 @@ def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Pa
     )
     model = variant.net(base)
     fit_whitening(model, data)
-    checkpoint = runs / f"{slug(variant.name)}-seed{seed}.pt"
+    checkpoint = run_file(runs, variant, seed, ".pt")
     optimizer, schedule = recipe.optimizer_and_schedule(model, len(loaders[0]))
     result = fit(
         model,
@@ -216,7 +221,7 @@ def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Pa
         "machine": f"{result.hardware} ({result.precision.split(':')[0]})",
         "date": time.strftime("%Y-%m-%d"),
     }
-    (runs / f"{slug(variant.name)}-seed{seed}.json").write_text(json.dumps(row, indent=2, allow_nan=False) + "\n")
+    run_file(runs, variant, seed, ".json").write_text(json.dumps(row, indent=2, allow_nan=False) + "\n")
     checkpoint.unlink(missing_ok=True)  # the row holds what the table needs
     return row
 
@@ -371,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         data = subsample(data, train_images=sizes[0], test_images=sizes[1])
     print(f"ablation on {hardware(pick_device())}: {len(a.variants)} variants x seeds {a.seeds} -> {out}/", flush=True)
     jobs = [(v, seed) for name, v in BY_NAME.items() if name in a.variants for seed in a.seeds]
-    done = [finished_row(runs / f"{slug(v.name)}-seed{seed}.json", v, base, data) for v, seed in jobs]
+    done = [finished_row(run_file(runs, v, seed, ".json"), v, base, data) for v, seed in jobs]
     for (variant, seed), row in zip(jobs, done):
         if row is not None:
             rows.append(row)
