@@ -101,8 +101,9 @@ def full_resolution(net: Net) -> Net:
 
 
 def separable_c2_shrink(net: Net) -> Net:
-    """C2's dilated shrinking convolution (its 41k dense weights) becomes depthwise-separable: the weights it frees
-    widen C1 and C2 (the recipe's widths), where dense convolutions on large maps are what a CPU computes fastest."""
+    """C2's dilated shrinking convolution (41k dense weights at the shipped widths) becomes depthwise-separable:
+    the weights it frees widen C1 and C2 (the recipe's widths), where dense convolutions on large maps are what a
+    CPU computes fastest."""
     c_in, c_out, dilation = geometry(net.c2[1])
     net.c2[1] = SeparableConv(c_in, c_out, dilation=dilation, padding=0)
     return net
