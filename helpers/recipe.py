@@ -44,7 +44,6 @@ class Recipe:
     seed: int = 0  # python, numpy, torch, and through them batch order and augmentations
     # the network
     widths: tuple[int, int, int, int] = WIDTHS  # C1..C4 channels, the network's own (model.py): under 200k
-    # (Net's frozen patch whitening: on validation, 40 epochs, 89.68% over two seeds; 89.08% without it)
     # the augmentations (uint8 pixel space, before normalization)
     flip_p: float = 0.5  # every CIFAR-10 class is left-right symmetric
     shift_limit: float = 0.0625  # +-2 px: CIFAR objects are centred and fill the frame
@@ -108,8 +107,8 @@ class Recipe:
 
 
 RECIPE = Recipe()
-# The speed configuration: the recipe on 10 epochs, chosen on validation (85.46%, seed 0) and scored once on the
-# test set: 85.17% and 85.45% for seeds 0 and 1 (Results/runs.md). A few tenths over the bar, not a guarantee.
+# The speed configuration: the recipe on 10 epochs, the most the speed goal (85% within 10 epochs) allows, chosen
+# on the validation split; what it scored, and how close to the bar, is in docs/speed.md and Results/runs.md.
 SPEED_RECIPE = replace(RECIPE, epochs=10)
 
 TARGET_ACCURACY = 85.0  # the assignment's bar, on the plain (no TTA) final-epoch test accuracy
