@@ -1,4 +1,5 @@
-"""Helpers for the S9 notebook: data (dataset), network (model), training (backprop), pictures (utils)."""
+"""Helpers for the S9 notebook, in reading order: recipe (S9's choices), dataset, model (Net), backprop (train, test,
+fit); then device (precision), checkpoint, lr_finder, measure (receptive field), inference, results, utils (plots)."""
 
 import os
 
