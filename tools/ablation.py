@@ -24,7 +24,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from helpers.backprop import fit, seed_everything  # noqa: E402
 from helpers.dataset import cifar10, hold_out, make_loaders, subsample  # noqa: E402
@@ -109,6 +111,65 @@ def separable_c2_shrink(net: Net) -> Net:
     return net
 
 
+class SqueezeExcite(nn.Module):
+    """Scale each channel by a gate read from the whole map's average (SENet): global context for ~c^2/8 weights."""
+
+    def __init__(self, c: int, reduction: int = 16):
+        super().__init__()
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(c, c // reduction, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c // reduction, c, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+
+def late_width_se(net: Net) -> Net:
+    """Design A: C2's shrink depthwise-separable, and the ~35k weights it frees spent on C3/C4 (the recipe's widths,
+    128 and 144) with squeeze-excitation closing their residual blocks; maps stay 31 -> 23 -> 15 -> 7."""
+    net = separable_c2_shrink(net)
+    for block in (net.c3[0], net.c4[0]):
+        block.f.append(SqueezeExcite(geometry(block.f[0])[1]))
+    return net
+
+
+class MixedKernelBlock(nn.Module):
+    """x + scale * f(x), cifar10-tiniest's block: a quarter of the channels each through a depthwise 3x3, 5x5 and
+    3x3 of twice the dilation (the rest pass as they are), BatchNorm, a gated 1x1 (a * gelu(b)), a 1x1 back."""
+
+    def __init__(self, c: int, dilation: int = 1):
+        super().__init__()
+        q, d = c // 4, dilation
+        self.split = [c - 3 * q, q, q, q]
+        self.depthwise = nn.ModuleList(
+            nn.Conv2d(q, q, k, padding=p, dilation=dk, groups=q, bias=False)
+            for k, dk, p in ((3, d, d), (5, d, 2 * d), (3, 2 * d, 2 * d))
+        )
+        self.norm, self.norm_out = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.up, self.down = nn.Conv2d(c, 2 * c, 1, bias=False), nn.Conv2d(c, c, 1, bias=False)
+        self.scale = nn.Parameter(torch.ones(c, 1, 1))  # the learned residual scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept, *parts = torch.split(x, self.split, 1)
+        mixed = torch.cat([kept, *(conv(p) for conv, p in zip(self.depthwise, parts))], 1)
+        a, b = self.up(self.norm(mixed)).chunk(2, 1)
+        return x + self.scale * self.norm_out(self.down(a * F.gelu(b)))
+
+
+def mixed_kernel_blocks(net: Net) -> Net:
+    """Design C: C2's shrink depthwise-separable, C3 and C4 one MixedKernelBlock each (C4's at dilation 2), at the
+    recipe's widths (112 and 128); maps stay 31 -> 23 -> 15 -> 7."""
+    net = separable_c2_shrink(net)
+    w3, w4 = geometry(net.c3[1])[:2]
+    net.c3 = nn.Sequential(MixedKernelBlock(w3), SeparableConv(w3, w4, dilation=4, padding=0))
+    net.c4 = nn.Sequential(MixedKernelBlock(w4, dilation=2))
+    return net
+
+
 def without_whitening(net: Net) -> Net:
     """C1 reads the pixels directly: its frozen 2x2 whitening and the ReLU after it dropped (the map stays 32x32)."""
     net.c1 = nn.Sequential(ConvBNReLU(3, net.c1[2][0].out_channels), *net.c1[3:])
@@ -181,6 +242,8 @@ LEVERS = (
         recipe={"widths": (40, 56, 96, 128)},
         network=separable_c2_shrink,
     ),
+    Variant("A: late width + squeeze-excitation", "none", recipe={"widths": (32, 48, 128, 144)}, network=late_width_se),
+    Variant("C: mixed-kernel gated blocks", "none", recipe={"widths": (32, 48, 112, 128)}, network=mixed_kernel_blocks),
 )
 BY_NAME = {v.name: v for v in VARIANTS + LEVERS}  # table order: the ablation's variants, then the levers
 
