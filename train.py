@@ -1,9 +1,9 @@
 """Train Net on CIFAR-10 headless and write the evidence: `python3 train.py` (`--help` for the options).
 
-Writes training_logs.md, and under the results folder metrics.json (the whole recipe included), the plots
-and s9_net.pt (a state_dict that Net() loads). Settings are checked and every output folder proven writable
-before any data is loaded; a checkpoint after every epoch makes an interrupted run resume when the same
-command runs again, on this machine or another. Like nanoGPT's train.py: the library is in helpers/, this is the run.
+The run reads top to bottom, like nanoGPT's train.py: settings, data, network, then the epoch loop in plain view
+(resume or start; each epoch `train`, `test`, one printed line, a checkpoint), then the final scores and the
+record: training_logs.md and, under the results folder, metrics.json (the whole recipe included), the plots
+and s9_net.pt (a state_dict that Net() loads). The same command, run again, resumes an interrupted run.
 """
 
 from __future__ import annotations
@@ -11,91 +11,24 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
+import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from helpers.backprop import DivergedError, fit, seed_everything
-from helpers.checkpoint import CheckpointError
-from helpers.dataset import DatasetNotFoundError, cifar10, make_loaders, subsample
-from helpers.device import hardware, pick_device, precision_policy
-from helpers.measure import count_parameters, format_receptive_field, receptive_field, total_receptive_field
-from helpers.recipe import QUICK_TEST_IMAGES, QUICK_TRAIN_IMAGES, RECIPE, SPEED_RECIPE, Recipe
-from helpers.results import accuracy_line, save_plots, write_results
-
-RECIPES = {"shipped": RECIPE, "speed": SPEED_RECIPE}
 CHECKPOINT_NAME = "checkpoint.pt"  # the default checkpoint, inside the results folder (ignored by git)
-
-
-class SettingsError(ValueError):
-    """An output location that would fail the run later: refused before any work starts."""
-
-
-def check_writable(*folders: str | Path) -> None:
-    """Prove each folder can be created and written to, before any long work starts."""
-    for folder in dict.fromkeys(Path(f) for f in folders):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder):
-                pass
-        except OSError as err:
-            raise SettingsError(
-                f"cannot write to {folder.resolve()} ({type(err).__name__}: {err.strerror}); choose another folder"
-            ) from err
-
-
-def run(recipe: Recipe, out: Path, log: Path, checkpoint: Path, quick: bool, workers: int | None, source: str) -> dict:
-    """Check outputs, seed, load, build, train, evaluate and write everything; return the metrics."""
-    check_writable(out, log.parent, checkpoint.parent)
-    seed_everything(recipe.seed)
-    device = pick_device()
-    data = cifar10()
-    if quick:
-        data = subsample(data, train_images=QUICK_TRAIN_IMAGES, test_images=QUICK_TEST_IMAGES, seed=recipe.seed)
-    train_loader, test_loader = make_loaders(
-        data,
-        batch_size=recipe.batch_size,
-        augment=recipe.augmentations(data.mean),
-        seed=recipe.seed,
-        device=device,
-        num_workers=workers,
-    )
-    model = recipe.network(data)
-    print(f"Net: {count_parameters(model):,} parameters, receptive field {total_receptive_field(model)}")
-    print(f"on {hardware(device)}; precision: {precision_policy(device)}")
-    print(format_receptive_field(receptive_field(model)))
-    optimizer, schedule = recipe.optimizer_and_schedule(model, len(train_loader))
-    result = fit(
-        model,
-        train_loader,
-        test_loader,
-        epochs=recipe.epochs,
-        optimizer=optimizer,
-        scheduler=schedule,
-        label_smoothing=recipe.label_smoothing,
-        device=device,
-        checkpoint=checkpoint,
-        config=recipe.record(),
-        tta=True,
-    )
-    save_plots(result, test_loader.dataset.images, out)
-    return write_results(model, result, recipe, out, log=log, source=source, quick=quick)
 
 
 def _whole_number(lowest: int) -> Callable[[str], int]:
     """An argparse type: a whole number >= lowest, or one message that says so (for words and for numbers)."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < lowest:
+        if not text.strip().lstrip("-").isdigit() or int(text) < lowest:
             raise argparse.ArgumentTypeError(f"must be a whole number >= {lowest}, got {text!r}")
-        return value
+        return int(text)
 
     return parse
 
@@ -112,84 +45,160 @@ def _learning_rate(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    """Every option with its default; the epilog names the environment variables."""
+    """Every option; a recipe's own numbers are the defaults of --epochs, --batch-size, --lr and --seed."""
     p = argparse.ArgumentParser(
         prog="python3 train.py",
         description=__doc__.splitlines()[0],
         epilog="Data: CIFAR-10 is read from $CIFAR10_ROOT (default ./data; it must hold cifar-10-batches-py/) "
         "and downloaded there once when online. The notebook's quick switch is S9_QUICK=1; here it is --quick.",
     )
-    p.add_argument("--recipe", choices=RECIPES, default="shipped", help="shipped or speed (default: %(default)s)")
+    p.add_argument("--recipe", choices=("shipped", "speed"), default="shipped", help="default: %(default)s")
+    p.add_argument("--epochs", type=_whole_number(1), help="default: the recipe's; 1 with --quick")
+    p.add_argument("--batch-size", type=_whole_number(1), help="images per step (default: the recipe's)")
+    p.add_argument("--lr", type=_learning_rate, help="peak learning rate of the one-cycle (default: the recipe's)")
     p.add_argument(
-        "--epochs",
-        type=_whole_number(1),
-        default=None,
-        help=f"default: the recipe's (shipped {RECIPE.epochs}, speed {SPEED_RECIPE.epochs}); 1 with --quick",
+        "--seed", type=_whole_number(0), help="seeds python, numpy, torch and the loaders (default: the recipe's)"
     )
+    p.add_argument("--quick", action="store_true", help="512 train / 256 test images, 1 epoch: the path in a minute")
     p.add_argument(
-        "--batch-size", type=_whole_number(1), default=RECIPE.batch_size, help="images per step (default: %(default)s)"
+        "--workers", type=_whole_number(0), help="loader workers (default: cores - 1 on a CPU, all on a GPU)"
     )
+    p.add_argument("--out", help="results folder (default: Results, or Results/quick with --quick)")
     p.add_argument(
-        "--lr",
-        type=_learning_rate,
-        default=RECIPE.max_lr,
-        help="peak learning rate of the one-cycle (default: %(default)s)",
-    )
-    p.add_argument(
-        "--seed",
-        type=_whole_number(0),
-        default=RECIPE.seed,
-        help="seeds python, numpy, torch and the loaders (default: %(default)s)",
-    )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"{QUICK_TRAIN_IMAGES} train / {QUICK_TEST_IMAGES} test images, 1 epoch: checks the path in about a "
-        "minute, proves nothing (default: off)",
-    )
-    p.add_argument(
-        "--workers",
-        type=_whole_number(0),
-        default=None,
-        help="loader workers (default: cores - 1 on the CPU, every core on a GPU)",
-    )
-    p.add_argument("--out", default=None, help="results folder (default: Results, or Results/quick with --quick)")
-    p.add_argument(
-        "--checkpoint",
-        default=None,
-        help=f"resume from / save to this file (default: OUT/{CHECKPOINT_NAME}, deleted once the results are written)",
+        "--checkpoint", help=f"resume from / save to this file (default: OUT/{CHECKPOINT_NAME}, removed at the end)"
     )
     return p
+
+
+if __name__ == "__main__":
+    parser().parse_args()  # bad input and --help are answered here, before torch loads (that takes seconds)
+
+import torch  # noqa: E402
+
+from helpers.backprop import DivergedError, epoch_line, test, train  # noqa: E402
+from helpers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from helpers.dataset import DatasetNotFoundError, cifar10, make_loaders, subsample  # noqa: E402
+from helpers.device import grad_scaler, hardware, pick_device, precision_policy  # noqa: E402
+from helpers.measure import count_parameters, format_receptive_field, receptive_field  # noqa: E402
+from helpers.model import Net  # noqa: E402
+from helpers.recipe import QUICK_TEST_IMAGES, QUICK_TRAIN_IMAGES, RECIPE, SPEED_RECIPE, whitening_sample  # noqa: E402
+from helpers.results import accuracy_line, save_plots, write_results  # noqa: E402
+from helpers.utils import per_class_accuracy  # noqa: E402
+
+
+class SettingsError(ValueError):
+    """An output location that would fail the run later: refused before any work starts."""
+
+
+def check_writable(*folders: Path) -> None:
+    """Prove each folder can be created and written to, before any long work starts."""
+    for folder in dict.fromkeys(folders):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise SettingsError(
+                f"cannot write to {folder.resolve()} ({type(err).__name__}: {err.strerror}); choose another folder"
+            ) from err
+
+
+def train_epochs(model, recipe, train_loader, test_loader, *, dtype, checkpoint, config) -> list[dict[str, float]]:
+    """The epoch loop: resume or start, then each epoch train, test, print and checkpoint; returns the history."""
+    scaler = grad_scaler(next(model.parameters()).device, dtype)  # fp16 only
+    optimizer = recipe.optimizer(model)
+    schedule = recipe.schedule(optimizer, steps_per_epoch=len(train_loader))
+    states = {"model": model, "optimizer": optimizer, "scheduler": schedule, "scaler": scaler}
+    history = load_checkpoint(checkpoint, config=config, **states)
+    for h in history:
+        print(epoch_line(h, recipe.epochs, config["evaluated_on"]) + "  (restored)")
+    for epoch in range(len(history) + 1, recipe.epochs + 1):
+        train_loader.sampler.set_epoch(epoch)  # batches and augmentations come from (seed, epoch): resumes exactly
+        start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train(
+            model,
+            train_loader,
+            optimizer,
+            scheduler=schedule,
+            scaler=scaler,
+            dtype=dtype,
+            label_smoothing=recipe.label_smoothing,
+        )
+        train_seconds = time.perf_counter() - start
+        test_loss, test_acc = test(model, test_loader, dtype=dtype)
+        history.append(
+            {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss}
+            | {"test_acc": test_acc, "train_seconds": train_seconds, "seconds": time.perf_counter() - start}
+        )
+        print(epoch_line(history[-1], recipe.epochs, config["evaluated_on"]), flush=True)
+        save_checkpoint(checkpoint, config=config, history=history, **states)
+    return history
+
+
+def run(recipe, out: Path, checkpoint: Path, *, quick: bool, workers: int | None, source: str) -> dict:
+    """Seed, load, build, train, score the final model and write the record; return the metrics."""
+    torch.manual_seed(recipe.seed)  # the network's first weights; the loaders seed their own draws
+    device = pick_device()
+    torch.backends.cudnn.benchmark = True  # few batch shapes on a GPU: tuned once, then the fastest kernels
+    data = cifar10()
+    if quick:
+        data = subsample(data, train_images=QUICK_TRAIN_IMAGES, test_images=QUICK_TEST_IMAGES, seed=recipe.seed)
+    augment = recipe.augmentations(data.mean)
+    train_loader, test_loader = make_loaders(
+        data, batch_size=recipe.batch_size, augment=augment, seed=recipe.seed, device=device, num_workers=workers
+    )
+    model = Net(recipe.widths).fit_whitening(whitening_sample(data))  # the frozen first layer, from train images
+    model.to(device, memory_format=torch.channels_last)  # the layout the convolutions prefer
+    precision = precision_policy(device)  # chosen once: fp16 + GradScaler on a T4, bf16 where native, else fp32
+    print(f"Net: {count_parameters(model):,} parameters on {hardware(device)}; precision: {precision}")
+    print(format_receptive_field(receptive_field(model)))
+    config = recipe.run_config(data, quick=quick)
+    dtype = precision.dtype
+    history = train_epochs(model, recipe, train_loader, test_loader, dtype=dtype, checkpoint=checkpoint, config=config)
+
+    _, _, predictions = test(model, test_loader, dtype=dtype, predictions=True)
+    _, tta_accuracy = test(model, test_loader, dtype=dtype, tta=True)  # flip TTA, beside the plain number
+    labels = test_loader.dataset.labels
+    per_class = per_class_accuracy(labels, predictions, classes=data.classes)
+    save_plots(out, history=history, test_images=data.test_images, labels=labels, predictions=predictions)
+    return write_results(
+        out, model=model, config=config, history=history, tta_accuracy=tta_accuracy, per_class=per_class, source=source
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: library errors become one message and exit code 2, Ctrl-C says how to resume."""
     argv = sys.argv[1:] if argv is None else argv
     a = parser().parse_args(argv)
-    base = RECIPES[a.recipe]
-    epochs = a.epochs or (1 if a.quick else base.epochs)
-    recipe = replace(base, epochs=epochs, batch_size=a.batch_size, max_lr=a.lr, seed=a.seed)
+    base = SPEED_RECIPE if a.recipe == "speed" else RECIPE
+    chosen = {
+        "epochs": a.epochs or (1 if a.quick else None),
+        "batch_size": a.batch_size,
+        "max_lr": a.lr,
+        "seed": a.seed,
+    }
+    recipe = replace(base, **{k: v for k, v in chosen.items() if v is not None})  # the chosen recipe's defaults
     out = Path(a.out or ("Results/quick" if a.quick else "Results"))
-    log = out / "training_logs.md" if a.quick or a.out else Path("training_logs.md")
     checkpoint = Path(a.checkpoint or out / CHECKPOINT_NAME)
     try:
-        m: dict[str, Any] = run(
-            recipe, out, log, checkpoint, a.quick, a.workers, "python3 train.py " + shlex.join(argv)
+        check_writable(out, checkpoint.parent)
+        m = run(
+            recipe, out, checkpoint, quick=a.quick, workers=a.workers, source="python3 train.py " + shlex.join(argv)
         )
     except (DatasetNotFoundError, CheckpointError, DivergedError, SettingsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
-            f"\nstopped. The epochs finished so far are in {checkpoint}; resume with:\n"
-            f"  python3 train.py {shlex.join(argv)}",
+            f"\nstopped; the finished epochs are in {checkpoint}. Resume with:\n  python3 train.py {shlex.join(argv)}",
             file=sys.stderr,
         )
         return 130
     if a.checkpoint is None:  # the results now hold everything the default checkpoint did but the optimizer state
         checkpoint.unlink(missing_ok=True)
-    print(f"final epoch test accuracy {accuracy_line(m)}, {m['params']:,} parameters")
-    print(f"wrote {out}/ and {log}")
+    if out == Path("Results"):  # the committed run's log also sits at the top of the repository
+        shutil.copyfile(out / "training_logs.md", "training_logs.md")
+    print(f"final epoch test accuracy {accuracy_line(m)}, {m['params']:,} parameters; wrote {out}/")
     return 0
 
 

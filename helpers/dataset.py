@@ -250,8 +250,7 @@ class SeededBatchSampler(Sampler[SeededBatch]):
 class ImageDataset(Dataset):
     """uint8 images, augmented a whole batch at a time: indexed by a SeededBatch, it returns (images, labels).
 
-    Carries what the loader normalizes with (mean, std), the class names, and `split`, the name fit reports
-    it under ("train", "test" or "validation").
+    Carries what the loader normalizes with (mean, std) and the class names.
     """
 
     def __init__(
@@ -263,12 +262,11 @@ class ImageDataset(Dataset):
         mean: Sequence[float],
         std: Sequence[float],
         classes: Sequence[str],
-        split: str = "test",
     ):
         check_images(images)
         # torchvision keeps .data as a transposed view; one contiguous copy makes every lookup cheap
         self.images, self.labels, self.transform = np.ascontiguousarray(images), torch.as_tensor(labels), transform
-        self.mean, self.std, self.classes, self.split = tuple(mean), tuple(std), tuple(classes), split
+        self.mean, self.std, self.classes = tuple(mean), tuple(std), tuple(classes)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -346,18 +344,17 @@ def make_loaders(
 
     augment: the train transforms, run on uint8 pixels (none by default). The order of batches and every
     augmentation depend only on (seed, epoch), whatever the number of workers: so a resumed run draws the
-    batches an uninterrupted one would; seed=None takes torch's, so seed_everything(seed) alone fixes them.
+    batches an uninterrupted one would; seed=None takes torch's, so torch.manual_seed(seed) alone fixes them.
     `hold_out(cifar10(), 5000)` as `data` makes the second a validation loader.
     """
     seed = torch.initial_seed() % 2**31 if seed is None else seed
     workers = default_workers(device) if num_workers is None else num_workers
     pipeline = A.Compose(list(augment)) if augment else None
     loaders = []
-    for split, images, labels in (
-        ("train", data.train_images, data.train_labels),
-        (data.evaluation, data.test_images, data.test_labels),
+    for train, images, labels in (
+        (True, data.train_images, data.train_labels),
+        (False, data.test_images, data.test_labels),
     ):
-        train = split == "train"
         sampler = SeededBatchSampler(len(images), batch_size, shuffle=train, seed=seed)  # refuses a bad batch_size
         dataset = ImageDataset(
             images,
@@ -366,7 +363,6 @@ def make_loaders(
             mean=data.mean,
             std=data.std,
             classes=data.classes,
-            split=split,
         )
         # the evaluation split has no transform: indexing it in the main process is fastest
         loaders.append(ReadyLoader(dataset, sampler, device, workers if train else 0))

@@ -6,7 +6,6 @@ place that tells them apart (docs/precision.md has the table; a test fakes each 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 from dataclasses import dataclass
@@ -29,11 +28,6 @@ class Precision:
 
     dtype: torch.dtype | None
     reason: str
-
-    @property
-    def scaled(self) -> bool:
-        """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
-        return self.dtype == torch.float16
 
     def __str__(self) -> str:
         name = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}.get(self.dtype, "fp32")
@@ -70,18 +64,13 @@ def precision_policy(device: torch.device) -> Precision:
     return Precision(None, "this CPU has no bf16 units (AMX or AVX512-BF16): emulated bf16 is slower than fp32")
 
 
-def grad_scaler(device: torch.device, precision: Precision) -> torch.amp.GradScaler | None:
-    """A GradScaler where the precision needs one (fp16), else None."""
-    if not precision.scaled:
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16, whose small gradients underflow without loss scaling; None for bf16 (fp32's range)."""
+    if dtype != torch.float16:
         return None
     if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
         return torch.amp.GradScaler(device.type)
     return torch.cuda.amp.GradScaler()
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Mixed precision at `dtype` on `device`, or nothing for fp32 (dtype None)."""
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def hardware(device: torch.device) -> str:

@@ -2,9 +2,9 @@
 
 Give it the model and the optimizer you will train with (`torch.optim.Adam(model.parameters())`, as with
 torch-lr-finder). It trains that model with that optimizer while raising the learning rate exponentially
-every batch, records the smoothed loss, and afterwards puts the model, the optimizer and the RNGs back to
-their state before the test, bit for bit. Own code rather than torch-lr-finder (which works on this kit's
-loaders too): it trains with fit's own step and loss (label smoothing included) at the machine's precision.
+every batch, records the smoothed loss, and afterwards puts the model and the optimizer back to their state
+before the test. Own code rather than torch-lr-finder (which works on this kit's loaders too): each batch is
+one call of `train`, so the sweep runs the training's loss (label smoothing included) at its precision.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from .backprop import train_step
-from .checkpoint import rng_state, set_rng_state
-from .device import Precision, grad_scaler, pick_device, precision_policy
+from .backprop import DivergedError, train
+from .device import grad_scaler
 
 
 @dataclass
@@ -63,34 +62,23 @@ def lr_range_test(
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     *,
+    dtype: torch.dtype | None = None,
+    label_smoothing: float = 0.0,
     start_lr: float = 1e-4,
     end_lr: float = 10.0,
     steps: int = 100,
-    device: torch.device | None = None,
-    precision: Precision | None = None,
-    label_smoothing: float = 0.0,
-    smoothing: float = 0.9,
 ) -> LRRangeTest:
     """Train `model` with `optimizer` at lrs rising from start_lr to end_lr, one batch each; then restore both.
 
-    label_smoothing: pass the training's, so the sweep measures the loss training minimizes.
-    Stops early once the smoothed loss exceeds 4x its best (divergence). Model, optimizer and RNGs are
-    restored afterwards, so the test leaves no trace on the run that follows.
+    dtype and label_smoothing: the training's, so the sweep measures the loss training minimizes, as fast.
+    Stops early once the smoothed loss exceeds 4x its best (divergence).
     """
-    device = device or pick_device()
-    precision = precision or precision_policy(device)
-    model.to(device, memory_format=torch.channels_last)
-    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), rng_state()))
-    was_training = model.training
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
     try:
-        lrs = np.geomspace(start_lr, end_lr, steps).tolist()  # exponentially rising, one per batch
-        sweep = _sweep(model, loader, optimizer, lrs, precision, label_smoothing=label_smoothing, smoothing=smoothing)
+        sweep = _sweep(model, loader, optimizer, np.geomspace(start_lr, end_lr, steps), dtype, label_smoothing)
     finally:
-        model_state, optimizer_state, rngs = saved
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
-        set_rng_state(rngs)
-        model.train(was_training)
+        model.load_state_dict(saved[0])
+        optimizer.load_state_dict(saved[1])
     if not sweep.losses:
         raise ValueError(
             f"the first loss, at lr {start_lr:.3g}, was not finite: check the inputs for NaN or inf, or lower start_lr"
@@ -98,40 +86,25 @@ def lr_range_test(
     return sweep
 
 
-def _sweep(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    lrs: list[float],
-    precision: Precision,
-    *,
-    label_smoothing: float,
-    smoothing: float,
-) -> LRRangeTest:
-    """The range test itself: one batch per lr, cycling a loader shorter than `lrs`; stops at divergence."""
+def _sweep(model, loader, optimizer, lrs, dtype, label_smoothing, smoothing: float = 0.9) -> LRRangeTest:
+    """The range test itself: one batch per lr (a loader shorter than `lrs` is cycled); stops at divergence."""
     device = next(model.parameters()).device
-    scaler = grad_scaler(device, precision)
-    tried, losses, average, best = [], [], 0.0, math.inf
-    batches = iter(())
-    model.train()
+    scaler = grad_scaler(device, dtype)
+    tried, losses, average, best, batches = [], [], 0.0, math.inf, iter(())
     for step, lr in enumerate(lrs):
-        try:
-            x, y = next(batches)
-        except StopIteration:  # small loaders are cycled
+        batch = next(batches, None)
+        if batch is None:  # a loader shorter than the sweep is cycled
             batches = iter(loader)
-            x, y = next(batches)
+            batch = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, _, _ = train_step(
-            model, x, y, optimizer, dtype=precision.dtype, label_smoothing=label_smoothing, scaler=scaler
-        )
-        value = loss.item()
-        if not math.isfinite(value):
+        try:
+            loss, _ = train(model, [batch], optimizer, scaler=scaler, dtype=dtype, label_smoothing=label_smoothing)
+        except DivergedError:  # the loss is no longer finite: the sweep is over
             break
-        average = smoothing * average + (1 - smoothing) * value
+        average = smoothing * average + (1 - smoothing) * loss
         smoothed = average / (1 - smoothing ** (step + 1))  # bias-corrected running mean
-        tried.append(lr)
+        tried.append(float(lr))
         losses.append(smoothed)
         best = min(best, smoothed)
         if smoothed > 4 * best:

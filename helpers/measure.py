@@ -1,4 +1,4 @@
-"""What a CNN sees and costs: its receptive field, multiply-accumulates and parameters, and torchsummary's table.
+"""What a CNN sees and costs: its layer table with receptive fields, multiply-accumulates and parameters.
 
 The tracer follows every tensor the forward pass makes, so residual branches, shortcut convs,
 concatenations and functional pooling are counted as they really run, not as a chain of layers.
@@ -6,13 +6,11 @@ concatenations and functional pooling are counted as they really run, not as a c
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torchsummary
 from torch.overrides import TorchFunctionMode
 
 
@@ -25,6 +23,8 @@ class RFRow:
     dilation: int
     stride: int
     padding: int
+    groups: int
+    params: int  # the convolution's weights and bias; 0 for a pooling
     size_in: int
     size_out: int
     rf_in: int
@@ -48,20 +48,22 @@ def _pair(value: Any) -> int:
 
 
 def _conv_geometry(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: ANN001, ANN202
-    return weight.shape[-1], _pair(dilation), _pair(stride), padding if isinstance(padding, str) else _pair(padding)
+    pad = padding if isinstance(padding, str) else _pair(padding)
+    params = weight.numel() + (bias.numel() if bias is not None else 0)
+    return weight.shape[-1], _pair(dilation), _pair(stride), pad, groups, params
 
 
 def _max_pool_geometry(input, kernel_size, stride=None, padding=0, dilation=1, *args, **kwargs):  # noqa: ANN001, ANN202
-    return _pair(kernel_size), _pair(dilation), _pair(stride or kernel_size), _pair(padding)
+    return _pair(kernel_size), _pair(dilation), _pair(stride or kernel_size), _pair(padding), 1, 0
 
 
 def _avg_pool_geometry(input, kernel_size, stride=None, padding=0, *args, **kwargs):  # noqa: ANN001, ANN202
-    return _pair(kernel_size), 1, _pair(stride or kernel_size), _pair(padding)
+    return _pair(kernel_size), 1, _pair(stride or kernel_size), _pair(padding), 1, 0
 
 
 def _adaptive_pool_geometry(input, output_size, *args, **kwargs):  # noqa: ANN001, ANN202
     size_in, size_out = input.shape[-1], _pair(output_size) or input.shape[-1]
-    return -(-size_in // size_out), 1, size_in // size_out, 0
+    return -(-size_in // size_out), 1, size_in // size_out, 0, 1, 0
 
 
 _GEOMETRY = {
@@ -100,13 +102,12 @@ class _ReceptiveFieldTracer(TorchFunctionMode):
             self.macs += out.numel() * args[1][0].numel()
         if name in _GEOMETRY and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
             x, y = args[0], out[0] if isinstance(out, tuple) else out
-            kernel, dilation, stride, padding = _GEOMETRY[name](*args, **kwargs)
+            kernel, dilation, stride, padding, groups, params = _GEOMETRY[name](*args, **kwargs)
             rf_in, jump_in = self.fields.get(id(x), (1, 1))
             rf, jump = rf_in + dilation * (kernel - 1) * jump_in, jump_in * stride
             layer = self.module_names[-1] if self.module_names else f"F.{name}"
-            self.rows.append(
-                RFRow(layer, kernel, dilation, stride, padding, x.shape[-1], y.shape[-1], rf_in, rf, jump_in, jump)
-            )
+            geometry = (kernel, dilation, stride, padding, groups, params, x.shape[-1], y.shape[-1])
+            self.rows.append(RFRow(layer, *geometry, rf_in, rf, jump_in, jump))
         for t in _tensors(out):
             self.fields[id(t)] = (rf, jump)
             self.keep.append(t)
@@ -152,15 +153,15 @@ def total_receptive_field(model: nn.Module, input_size: tuple[int, int, int] = (
 
 
 def format_receptive_field(rows: list[RFRow]) -> str:
-    """The RF table as aligned text, one layer per line, for the notebook and logs."""
-    head = f"{'layer':<16}{'k':>3}{'d':>3}{'s':>3}{'p':>3}" + "".join(
-        f"{h:>6}" for h in ("n_in", "n_out", "r_in", "r_out", "j_in", "j_out")
-    )
+    """The layer table as aligned text, one convolution or pooling per line: kernel, dilation, groups (> 1: depthwise),
+    stride, padding, map size in -> out, receptive field in -> out, jump in -> out, and its parameters."""
+    head = f"{'layer':<14}{'k':>3}{'d':>3}{'g':>5}{'s':>3}{'p':>3}{'map':>9}{'rf':>9}{'jump':>7}{'params':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r.layer:<16}{r.kernel:>3}{r.dilation:>3}{r.stride:>3}{r.padding:>3}{r.size_in:>6}{r.size_out:>6}"
-            f"{r.rf_in:>6}{r.rf_out:>6}{r.jump_in:>6}{r.jump_out:>6}"
+            f"{r.layer:<14}{r.kernel:>3}{r.dilation:>3}{r.groups:>5}{r.stride:>3}{r.padding:>3}"
+            f"{f'{r.size_in}->{r.size_out}':>9}{f'{r.rf_in}->{r.rf_out}':>9}{f'{r.jump_in}->{r.jump_out}':>7}"
+            f"{r.params:>9,}"
         )
     return "\n".join(lines)
 
@@ -175,7 +176,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def summary(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> None:
-    """torchsummary's table, on a CPU copy: its default "cuda" fails elsewhere, and BatchNorm keeps its statistics."""
-    torchsummary.summary(copy.deepcopy(model).cpu().float(), input_size, device="cpu")
-    print(f"Multiply-accumulates per image: {count_macs(model, input_size) / 1e6:.1f} M")
+def layer_table(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> str:
+    """The network on one screen: a line per convolution, then its receptive field, parameters and cost."""
+    tracer = _trace_receptive_field(model, input_size)
+    return "\n".join(
+        [
+            format_receptive_field([row for row in tracer.rows if row.size_out > 1]),
+            f"receptive field of the last feature map: {tracer.last_map_rf} pixels",
+            f"parameters: {count_parameters(model):,} (BatchNorm's and frozen ones included)",
+            f"multiply-accumulates per image: {tracer.macs / 1e6:.1f} M",
+        ]
+    )

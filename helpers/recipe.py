@@ -1,8 +1,9 @@
 """The S9 recipe in one place: every number that decides a run, each with its reason, and the objects built from it.
 
 The library (dataset, backprop, lr_finder) defaults to PyTorch's plain behaviour; `train.py`, the notebook and
-`tools.ablation` pass these choices to it explicitly. metrics.json and the checkpoint record `recipe.record()`,
-so a result can be rerun from its own record. Change a field with `dataclasses.replace(RECIPE, epochs=24)`.
+`tools.ablation` pass these choices to it explicitly, and build the optimizer and schedule with one call each.
+metrics.json and the checkpoint record `recipe.record()`, so a result can be rerun from its own record. Change a
+field with `dataclasses.replace(RECIPE, epochs=24)`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import cv2
 import torch
 import torch.nn as nn
 
-from .backprop import make_optimizer
 from .dataset import ImageData, mean_pixel, normalize
-from .model import WIDTHS, Net
+from .model import WIDTHS
 
 WHITENING_IMAGES = 5000  # the frozen whitening's sample: 12 x 12 patch statistics settle long before this (airbench's)
 
@@ -57,6 +57,11 @@ class Recipe:
         """The recipe as plain JSON values, for metrics.json and the checkpoint's config."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    def run_config(self, data: ImageData, *, quick: bool = False) -> dict[str, Any]:
+        """What identifies a run: the recipe and the data it trains and is scored on. A checkpoint must match it."""
+        sizes = {"train_images": len(data.train_images), "test_images": len(data.test_images)}
+        return self.record() | sizes | {"evaluated_on": data.evaluation, "quick": quick}
+
     def augmentations(self, mean: Sequence[float]) -> list[A.BasicTransform]:
         """The assignment's three train transforms; they run on uint8 pixels, so the 0..1 `mean` fills in 0..255."""
         fill = mean_pixel(mean)
@@ -84,16 +89,18 @@ class Recipe:
             ),
         ]
 
-    def network(self, data: ImageData) -> Net:
-        """The recipe's Net, its frozen whitening fitted to `data`'s training images (never its evaluation split)."""
-        return Net(self.widths).fit_whitening(whitening_sample(data))
+    def optimizer(self, model: nn.Module) -> torch.optim.SGD:
+        """Nesterov SGD over the trainable weights (Net's frozen whitening stays as fitted); BatchNorm's undecayed."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trainable if p.ndim > 1], "weight_decay": self.weight_decay},
+            {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+        return torch.optim.SGD(groups, lr=self.max_lr, momentum=self.momentum, nesterov=True)
 
-    def optimizer_and_schedule(
-        self, model: nn.Module, steps_per_epoch: int
-    ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.OneCycleLR]:
-        """The recipe's SGD and its one-cycle schedule over every step of `epochs` (stepped after each batch)."""
-        optimizer = make_optimizer(model, lr=self.max_lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
+    def schedule(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
+        """The one-cycle over every step of `epochs`, stepped after each batch: linear up, then linear to ~0."""
+        return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=self.max_lr,
             total_steps=self.epochs * steps_per_epoch,
@@ -103,7 +110,6 @@ class Recipe:
             final_div_factor=1e4,  # end at max_lr / 1e5: zero for all purposes
             cycle_momentum=False,  # Nesterov momentum stays 0.9
         )
-        return optimizer, schedule
 
 
 RECIPE = Recipe()

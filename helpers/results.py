@@ -1,7 +1,7 @@
 """The record of a finished run: metrics.json, the weights, training_logs.md and the pictures.
 
-Written from (model, result, recipe, folder) alone, by the notebook and by train.py alike, so both
-leave the same evidence. metrics.json holds the whole recipe, so a result can be rerun from its record.
+Written by the notebook and by train.py alike, so both leave the same evidence. metrics.json holds the whole
+recipe, so a result can be rerun from its record.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 
 from . import utils
-from .backprop import FitResult
-from .checkpoint import write_atomically
+from .checkpoint import check_finite, write_atomically
+from .device import hardware, precision_policy
 from .measure import count_macs, count_parameters, total_receptive_field
-from .recipe import TARGET_ACCURACY, Recipe
+from .recipe import TARGET_ACCURACY
 
 WEIGHTS_NAME = "s9_net.pt"  # a state_dict that Net(recipe.widths) loads
 
@@ -35,16 +35,28 @@ def time_to_target(history: list[dict[str, float]], target: float = TARGET_ACCUR
     return None, None
 
 
-def run_metrics(model: nn.Module, result: FitResult, recipe: Recipe, source: str, quick: bool) -> dict[str, Any]:
-    """Everything a run is judged by, as plain JSON values."""
-    history, labels = result.history, result.labels
+def write_results(
+    folder: str | Path,
+    *,
+    model: nn.Module,
+    config: dict[str, Any],
+    history: list[dict[str, float]],
+    tta_accuracy: float,
+    per_class: dict[str, float],
+    source: str,
+) -> dict[str, Any]:
+    """Save folder/metrics.json, folder/s9_net.pt and folder/training_logs.md; return the metrics.
+
+    config: the checkpoint's (the recipe's record, the data sizes, quick). The machine, torch and the network's
+    measures are read here, so a run records them without carrying them.
+    """
+    device = next(model.parameters()).device
     epoch_85, seconds_85 = time_to_target(history)
-    return {
+    metrics = {
         "final_test_acc": history[-1]["test_acc"],
-        "final_test_acc_tta": result.tta_accuracy,
+        "final_test_acc_tta": tta_accuracy,
         "final_test_loss": history[-1]["test_loss"],
         "final_epoch": history[-1]["epoch"],
-        "test_images": len(labels),
         "test_acc_per_epoch": [h["test_acc"] for h in history],
         "params": count_parameters(model),
         "macs_per_image": count_macs(model),
@@ -53,36 +65,22 @@ def run_metrics(model: nn.Module, result: FitResult, recipe: Recipe, source: str
         "seconds_to_85": seconds_85,
         "total_train_seconds": sum(h["train_seconds"] for h in history),
         "total_seconds": sum(h["seconds"] for h in history),
-        "per_class_acc": utils.per_class_accuracy(labels, result.predictions),
-        "device": result.hardware,
-        "precision": result.precision,
+        "per_class_acc": per_class,
+        "device": hardware(device),
+        "precision": str(precision_policy(device)),
         "torch": torch.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "recipe": recipe.record(),
-        "config": {"quick": quick, "source": source, "train_images": result.train_images, "test_images": len(labels)},
+        "source": source,
+        "config": config,
         "history": history,
     }
-
-
-def write_results(
-    model: nn.Module,
-    result: FitResult,
-    recipe: Recipe,
-    folder: str | Path,
-    *,
-    log: str | Path | None = None,
-    source: str = "S9.ipynb",
-    quick: bool = False,
-) -> dict[str, Any]:
-    """Save folder/metrics.json, folder/s9_net.pt and the per-epoch log (default folder/training_logs.md)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    metrics = run_metrics(model, result, recipe, source, quick)
     text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"  # NaN is not JSON: refuse rather than write it
+    check_finite(model)
     write_atomically(folder / "metrics.json", lambda p: p.write_text(text))
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_atomically(folder / WEIGHTS_NAME, lambda p: torch.save(weights, p))
-    write_atomically(Path(log or folder / "training_logs.md"), lambda p: p.write_text(training_log(metrics)))
+    write_atomically(folder / "training_logs.md", lambda p: p.write_text(training_log(metrics)))
     return metrics
 
 
@@ -94,19 +92,19 @@ def accuracy_line(m: dict[str, Any]) -> str:
 
 def training_log(m: dict[str, Any]) -> str:
     """training_logs.md: what ran where, every epoch, and the final numbers."""
-    c, r = m["config"], m["recipe"]
+    c = m["config"]
     kind = "QUICK smoke run (small subset, not a result)" if c["quick"] else "full run"
     reached = f"epoch {m['epoch_to_85']}, {m['seconds_to_85']:.1f} s of training" if m["epoch_to_85"] else "not reached"
     lines = [
         "# Training log",
         "",
-        f"{kind}: `{c['source']}`, {m['date']}, on {m['device']} ({m['precision']}), torch {m['torch']}.",
+        f"{kind}: `{m['source']}`, {m['date']}, on {m['device']} ({m['precision']}), torch {m['torch']}.",
         "",
-        f"Recipe: {r['epochs']} epoch{'s' if r['epochs'] != 1 else ''}, batch {r['batch_size']}, "
-        f"one-cycle peak lr {r['max_lr']} "
-        f"(warm-up {r['warmup_fraction']:.0%}), SGD Nesterov momentum {r['momentum']}, "
-        f"weight decay {r['weight_decay']}, label smoothing {r['label_smoothing']}, seed {r['seed']}, "
-        f"widths {r['widths']} (the whole recipe is in metrics.json). "
+        f"Recipe: {c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}, batch {c['batch_size']}, "
+        f"one-cycle peak lr {c['max_lr']} "
+        f"(warm-up {c['warmup_fraction']:.0%}), SGD Nesterov momentum {c['momentum']}, "
+        f"weight decay {c['weight_decay']}, label smoothing {c['label_smoothing']}, seed {c['seed']}, "
+        f"widths {c['widths']} (the whole recipe is in metrics.json). "
         f"{c['train_images']} train / {c['test_images']} test images. Net: {m['params']:,} parameters, "
         f"{m['macs_per_image'] / 1e6:.1f} M MACs per image, receptive field {m['receptive_field']}.",
         "",
@@ -120,7 +118,7 @@ def training_log(m: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"**Final epoch ({m['final_epoch']}) test accuracy: {accuracy_line(m)}** on {m['test_images']} test "
+        f"**Final epoch ({m['final_epoch']}) test accuracy: {accuracy_line(m)}** on {c['test_images']} test "
         f"images (the final epoch, not the best). 85% reached: {reached}. "
         f"Training time {m['total_train_seconds']:.1f} s, with evaluation {m['total_seconds']:.1f} s.",
         "",
@@ -128,12 +126,13 @@ def training_log(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save_plots(result: FitResult, test_images: np.ndarray, folder: str | Path) -> None:
+def save_plots(
+    folder: str | Path, *, history: list[dict[str, float]], test_images: np.ndarray, labels, predictions
+) -> None:
     """The run's pictures: curves, misclassified gallery, confusion matrix, per-class accuracy."""
     folder = Path(folder)
-    labels, predictions = result.labels, result.predictions
     for fig in (
-        utils.plot_history(result.history, target=TARGET_ACCURACY, path=folder / "curves.png"),
+        utils.plot_history(history, target=TARGET_ACCURACY, path=folder / "curves.png"),
         utils.plot_misclassified(test_images, labels, predictions=predictions, path=folder / "misclassified.png"),
         utils.plot_confusion_matrix(labels, predictions, path=folder / "confusion_matrix.png"),
         utils.plot_per_class_accuracy(

@@ -16,7 +16,7 @@ import seaborn as sns
 import torch
 import torch.nn as nn
 
-from .dataset import CIFAR10_MEAN, CIFAR10_STD, CLASSES, normalize
+from .dataset import CIFAR10_MEAN, CIFAR10_STD, CLASSES, normalize, seed_pipeline
 from .lr_finder import LRRangeTest
 
 
@@ -75,10 +75,13 @@ def plot_augmentations(
     augment: A.BaseCompose | Sequence[A.BasicTransform],
     *,
     draws: int = 7,
+    seed: int | None = None,
     path: str | Path | None = None,
 ) -> plt.Figure:
-    """Each uint8 image (a row) then `draws` passes of the train augmentations; titled by the transforms."""
+    """Each uint8 image (a row) then `draws` passes of the train augmentations (seeded as the loaders seed them)."""
     pipeline = augment if isinstance(augment, A.BaseCompose) else A.Compose(list(augment))
+    if seed is not None:
+        seed_pipeline(pipeline, seed)
     fig, axes = _grid(len(images) * (draws + 1), draws + 1)
     for row, image in enumerate(images):
         _show(axes[row, 0], image)
@@ -114,7 +117,12 @@ def plot_lr_range_test(
 ) -> plt.Figure:
     """Smoothed loss against learning rate (log scale), with the steepest-descent suggestion and `chosen_lr`."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(result.lrs, result.losses)
+    lowest = int(np.argmin(result.losses))
+    # Past the lowest point the loss climbs back to where it started: the network is diverging, and whatever the
+    # curve does after that (it can dip again) is noise of a broken network, so the plot stops there.
+    n = len(result.losses)
+    end = next((i + 1 for i in range(lowest + 1, n) if result.losses[i] >= result.losses[0]), n)
+    ax.plot(result.lrs[:end], result.losses[:end])
     if result.descends:  # else there is no steepest descent to mark
         ax.axvline(
             result.steepest, color="tab:orange", linestyle="--", label=f"steepest descent: {result.steepest:.3g}"
@@ -123,7 +131,8 @@ def plot_lr_range_test(
     if chosen_lr is not None:
         ax.axvline(chosen_lr, color="tab:green", label=f"peak used: {chosen_lr:g}")
     top = result.losses[0] + 0.5 * (result.losses[0] - min(result.losses))  # the blow-up would flatten the fall
-    ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed training loss", title="LR range test")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed training loss")
+    ax.set_title("LR range test, drawn until the loss climbs back to where it started")
     ax.set_ylim(min(result.losses) - 0.1 * (top - min(result.losses)), top)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
@@ -227,18 +236,23 @@ def plot_gradcam(
     heatmaps = gradcam(
         model, images[wrong], targets=[int(predictions[i]) for i in wrong], layer=layer, mean=mean, std=std
     )
-    fig, axes = _grid(2 * len(wrong), 4, cell=2.0)
+    rows = -(-len(wrong) // 2)  # two image + heatmap pairs per row, a gap column between them
+    fig, axes = plt.subplots(rows, 5, figsize=(8, 2 * rows + 0.8), squeeze=False, width_ratios=[1, 1, 0.3, 1, 1])
+    for ax in axes.flat:
+        ax.axis("off")
     for k, (i, heatmap) in enumerate(zip(wrong, heatmaps)):
-        image = images[i]
+        image, (true, pred) = images[i], _names([labels[i], predictions[i]], classes)
+        picture, cam = axes[k // 2, 3 * (k % 2)], axes[k // 2, 3 * (k % 2) + 1]
+        _show(picture, image)
+        picture.set_title(f"true: {true}", fontsize=9)
         rgb = np.repeat(image, 3, -1) if image.shape[-1] == 1 else image
-        true, pred = _names([labels[i], predictions[i]], classes)
-        _show(axes.flat[2 * k], image)
-        axes.flat[2 * k].set_title(f"true: {true}", fontsize=9)
-        axes.flat[2 * k + 1].imshow(show_cam_on_image(rgb / 255.0, heatmap, use_rgb=True), interpolation="nearest")
-        axes.flat[2 * k + 1].set_title(f"GradCAM of pred: {pred}", fontsize=9)
+        cam.imshow(show_cam_on_image(rgb / 255.0, heatmap, use_rgb=True), interpolation="nearest")
+        cam.set_title(f"said: {pred}", fontsize=9)
     scale = plt.cm.ScalarMappable(cmap="jet", norm=plt.Normalize(0, 1))  # show_cam_on_image's colours
-    fig.colorbar(scale, ax=axes, shrink=0.6, label="GradCAM: how much the region drove the predicted class")
-    fig.suptitle(f"GradCAM of the predicted class on {len(wrong)} misclassified test images", y=0.93)
+    fig.colorbar(
+        scale, ax=axes, orientation="horizontal", fraction=0.04, pad=0.03, label="how much a region drove what it said"
+    )
+    fig.suptitle(f"{len(wrong)} misclassified test images, each beside the GradCAM of the class it said")
     return save(fig, path)
 
 

@@ -180,15 +180,13 @@ def test_sampler_epochs_differ_and_cover_every_image():
     assert len(epoch0) == len(sampler) == 4
 
 
-def test_seed_everything_alone_fixes_the_augmented_batches(cifar):
-    from helpers.backprop import seed_everything
-
+def test_torch_manual_seed_alone_fixes_the_augmented_batches(cifar):
     data = ds.subsample(cifar, train_images=64, test_images=32)
 
     def first_batch(seed):
         return next(iter(ds.make_loaders(data, batch_size=32, augment=AUGMENTATIONS, seed=seed, num_workers=0)[0]))[0]
 
-    seed_everything(5)
+    torch.manual_seed(5)
     assert torch.equal(first_batch(None), first_batch(5))
     assert not torch.equal(first_batch(5), first_batch(6))
 
@@ -212,17 +210,12 @@ def test_a_validation_split_is_held_out_of_the_training_images_and_never_trains(
         ds.hold_out(data, 50_000)
 
 
-def test_fit_reports_a_held_out_split_as_validation(cifar, capsys):
-    from helpers import backprop as B
-    from helpers.model import Net
-
-    split = ds.subsample(ds.hold_out(cifar, 128, seed=0), train_images=128, test_images=None)
-    loaders = ds.make_loaders(split, batch_size=64, seed=0, num_workers=0)
-    assert loaders[1].dataset.split == "validation" and len(loaders[1].dataset) == 128
-    model = Net((8, 8, 16, 16))
-    result = B.fit(model, *loaders, epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
-    assert result.evaluated_on == "validation"
-    assert " validation " in capsys.readouterr().out
+def test_image_data_refuses_labels_that_do_not_fit_its_images_or_classes():
+    images = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    ok = np.array([0, 1, 2, 9])
+    for train_labels, test_labels in ((ok[:3], ok), (ok, np.array([0, 1, 2, 10])), (np.array([-1, 0, 1, 2]), ok)):
+        with pytest.raises(ValueError, match="labels must be 0..9 \\(one per class name\\)"):
+            ds.ImageData(images, train_labels, images, test_labels, ds.CLASSES)
 
 
 def test_make_loaders_refuses_a_batch_size_below_one_and_subsample_keeps_a_split_it_was_not_asked_to_cut(cifar):

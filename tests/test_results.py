@@ -27,7 +27,7 @@ def metrics() -> dict:
 
 def test_committed_run_is_a_full_run_that_meets_the_assignment(metrics):
     assert not metrics["config"]["quick"], "Results/metrics.json is from a quick run: commit a full run"
-    assert metrics["config"]["train_images"] == 50_000 and metrics["test_images"] == 10_000
+    assert metrics["config"]["train_images"] == 50_000 and metrics["config"]["test_images"] == 10_000
     assert metrics["final_test_acc"] >= 85.0
     assert metrics["params"] == count_parameters(Net()) < 200_000
     assert metrics["final_test_acc_tta"] is not None, "metrics.json carries the flip-TTA figure of the same weights"
@@ -43,7 +43,7 @@ def _notebook_text() -> str:
 def test_the_committed_notebook_shows_the_committed_full_run_every_epoch_once(metrics):
     text = _notebook_text()
     assert "QUICK" not in text, "S9.ipynb's outputs are a quick smoke run: execute it in full and commit it"
-    epochs = metrics["recipe"]["epochs"]
+    epochs = metrics["config"]["epochs"]
     lines = re.findall(rf"^epoch +(\d+)/{epochs} .*$", text, flags=re.MULTILINE)
     assert [int(n) for n in lines] == list(range(1, epochs + 1)) == [h["epoch"] for h in metrics["history"]]
     final = f"final epoch: {metrics['final_test_acc']:.2f}% plain, {metrics['final_test_acc_tta']:.2f}% with flip TTA"
@@ -62,7 +62,7 @@ def test_committed_weights_reproduce_the_reported_accuracy_plain_and_with_flip_t
     _, test_loader = make_loaders(cifar, batch_size=500, num_workers=0)  # the whole test split
     assert len(test_loader.dataset) == 10_000
     dtype = precision_policy(torch.device("cpu")).dtype
-    _, accuracy = backprop.test(net, test_loader, dtype=dtype)  # the same evaluation fit reports
+    _, accuracy = backprop.test(net, test_loader, dtype=dtype)  # the same evaluation the training loop reports
     print(f"committed weights: {accuracy:.2f}% on the 10,000 real test images")
     assert accuracy >= 85.0
     assert abs(accuracy - metrics["final_test_acc"]) < 0.3  # GPU vs CPU bf16 rounding moves a few images

@@ -28,13 +28,14 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from helpers.backprop import fit, seed_everything  # noqa: E402
+from helpers.backprop import test  # noqa: E402
 from helpers.dataset import cifar10, hold_out, make_loaders, subsample  # noqa: E402
 from helpers.device import hardware, pick_device, precision_policy  # noqa: E402
 from helpers.measure import count_macs, count_parameters, total_receptive_field  # noqa: E402
 from helpers.model import ConvBNReLU, Net, PatchWhitening, Residual, SeparableConv  # noqa: E402
 from helpers.recipe import QUICK_TEST_IMAGES, QUICK_TRAIN_IMAGES, RECIPE, Recipe, whitening_sample  # noqa: E402
 from tools.bench import step_rate  # noqa: E402
+from train import train_epochs  # noqa: E402
 
 SHRINKING = ("c1.4", "c2.1", "c3.1")  # Net's three dilated, unpadded convolutions: 31 -> 23 -> 15 -> 7
 
@@ -261,42 +262,33 @@ def run_file(runs: Path, variant: Variant, seed: int, suffix: str) -> Path:
 def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Path) -> dict[str, Any]:
     """Train one variant for one seed (resuming its checkpoint if there is one) and return its row."""
     recipe = replace(variant.applied_to(base), seed=seed)
-    seed_everything(seed)
+    torch.manual_seed(seed)
     device = pick_device()
     loaders = make_loaders(
         data, batch_size=recipe.batch_size, augment=recipe.augmentations(data.mean), seed=seed, device=device
     )
     model = variant.net(base)
     fit_whitening(model, data)
+    model.to(device, memory_format=torch.channels_last)
     checkpoint = run_file(runs, variant, seed, ".pt")
-    optimizer, schedule = recipe.optimizer_and_schedule(model, len(loaders[0]))
-    result = fit(
-        model,
-        *loaders,
-        epochs=recipe.epochs,
-        optimizer=optimizer,
-        scheduler=schedule,
-        label_smoothing=recipe.label_smoothing,
-        device=device,
-        checkpoint=checkpoint,
-        config={**recipe.record(), "variant": variant.name},
-        tta=True,
-    )
+    dtype = precision_policy(device).dtype
+    config = {**recipe.run_config(data), "variant": variant.name}
+    history = train_epochs(model, recipe, *loaders, dtype=dtype, checkpoint=checkpoint, config=config)
     row = {
         "variant": variant.name,
         "breaks": variant.breaks,
         "seed": seed,
-        "evaluated_on": result.evaluated_on,  # "validation" with --validation: what recipe choices read
-        "test_acc": result.history[-1]["test_acc"],
-        "test_acc_tta": result.tta_accuracy,
+        "evaluated_on": data.evaluation,  # "validation" with --validation: what recipe choices read
+        "test_acc": history[-1]["test_acc"],
+        "test_acc_tta": test(model, loaders[1], dtype=dtype, tta=True)[1],
         "params": count_parameters(model),
         "macs": count_macs(model),
         "receptive_field": total_receptive_field(model),
-        "seconds_per_epoch": statistics.mean(h["train_seconds"] for h in result.history),
+        "seconds_per_epoch": statistics.mean(h["train_seconds"] for h in history),
         "epochs": recipe.epochs,
-        "train_images": result.train_images,
-        "test_images": len(result.labels),
-        "machine": f"{result.hardware} ({result.precision.split(':')[0]})",
+        "train_images": len(data.train_images),
+        "test_images": len(data.test_images),
+        "machine": f"{hardware(device)} ({str(precision_policy(device)).split(':')[0]})",
         "date": time.strftime("%Y-%m-%d"),
     }
     run_file(runs, variant, seed, ".json").write_text(json.dumps(row, indent=2, allow_nan=False) + "\n")
@@ -333,7 +325,7 @@ def train_speeds(names: list[str], batch_size: int, steps: int) -> dict[str, flo
     """
     device = pick_device()
     precision = precision_policy(device)
-    return {name: step_rate(device, precision, True, batch_size, steps, BY_NAME[name].net()) for name in names}
+    return {name: step_rate(device, precision.dtype, True, batch_size, steps, BY_NAME[name].net()) for name in names}
 
 
 def cost_table(names: list[str], batch_size: int, steps: int) -> str:

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import albumentations as A
@@ -24,9 +24,9 @@ import torch.nn as nn
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
-from helpers.backprop import make_optimizer, seed_everything, train_step
+from helpers.backprop import train
 from helpers.dataset import CIFAR10_MEAN, CIFAR10_STD, ImageData, cifar10, default_workers, make_loaders, subsample
-from helpers.device import Precision, grad_scaler, hardware, pick_device, precision_policy
+from helpers.device import grad_scaler, hardware, pick_device, precision_policy
 from helpers.model import Net
 from helpers.recipe import RECIPE
 
@@ -76,52 +76,43 @@ def loader_rate(loader: DataLoader, batches: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def trainer(
-    device: torch.device, precision: Precision, channels_last: bool = True, model: nn.Module | None = None
-) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One training step of `model` (default a fresh Net) at `precision`, with fp16's GradScaler, as fit runs it."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = (model or Net()).to(device, memory_format=fmt)
-    optimizer = make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)
-    scaler = grad_scaler(device, precision)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        train_step(model, x.contiguous(memory_format=fmt), y, optimizer, dtype=precision.dtype, scaler=scaler)
-
-    return step
+def _net_and_optimizer(model: nn.Module | None, device: torch.device, channels_last: bool):
+    """A fresh Net (or `model`) on the device in the layout asked for, and the recipe's optimizer at a gentle lr."""
+    model = (model or Net()).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return model, replace(RECIPE, max_lr=0.01).optimizer(model)  # random batches: no step may diverge
 
 
 def step_rate(
     device: torch.device,
-    precision: Precision,
+    dtype: torch.dtype | None,
     channels_last: bool,
     batch_size: int,
     steps: int,
     model: nn.Module | None = None,
 ) -> float:
-    """Train-step images/s on a synthetic batch already on the device: the model's own speed limit."""
-    step = trainer(device, precision, channels_last, model)
+    """Train-step images/s on one synthetic batch already on the device (fp16 with its GradScaler, as training)."""
+    model, optimizer = _net_and_optimizer(model, device, channels_last)
     x = torch.randn(batch_size, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
-    for _ in range(3):  # warm-up: cuDNN autotuning, allocator, oneDNN primitives
-        step(x, y)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    batch = (x, torch.randint(0, 10, (batch_size,), device=device))
+    scaler = grad_scaler(device, dtype)
+    train(model, [batch] * 3, optimizer, scaler=scaler, dtype=dtype)  # warm-up: cuDNN autotuning, oneDNN primitives
     synchronize(device)
     start = time.perf_counter()
-    for _ in range(steps):
-        step(x, y)
+    train(model, [batch] * steps, optimizer, scaler=scaler, dtype=dtype)
     synchronize(device)
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def epoch_seconds(loader: DataLoader, device: torch.device, precision: Precision) -> float:
-    """Wall seconds of one training epoch over a loader (its batches moved to the device), after a warm-up."""
-    step = trainer(device, precision)
-    x, y = next(iter(loader))
-    step(x.to(device), y.to(device))  # warm-up outside the timer
+def epoch_seconds(loader: DataLoader, device: torch.device, dtype: torch.dtype | None) -> float:
+    """Wall seconds of one training epoch over a loader, after a warm-up step."""
+    model, optimizer = _net_and_optimizer(None, device, True)
+    scaler = grad_scaler(device, dtype)
+    train(model, [next(iter(loader))], optimizer, scaler=scaler, dtype=dtype)  # warm-up outside the timer
     synchronize(device)
     start = time.perf_counter()
-    for x, y in loader:
-        step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+    train(model, loader, optimizer, scaler=scaler, dtype=dtype)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -152,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: prints a markdown report (and writes it with --out)."""
     a = parser().parse_args(argv)
     device, gpu = pick_device(), torch.cuda.is_available()
-    torch.backends.cudnn.benchmark = True  # as fit sets it on CUDA; no effect elsewhere
+    torch.backends.cudnn.benchmark = True  # as training sets it; no effect off CUDA
     precision = precision_policy(device)
     workers = default_workers(device) if a.workers is None else a.workers
     batches, steps = a.loader_batches or (90 if gpu else 10), a.steps or (50 if gpu else 3)
     size = a.epoch_images or (None if gpu else 5120)
     compare = a.compare_workers if a.compare_workers is not None else sorted({1, 2, os.cpu_count() or 1})
-    seed_everything(0)
+    torch.manual_seed(0)
     lines = [
         f"# Benchmark: {hardware(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}",
         "",
@@ -184,17 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     row(
         f"one training epoch, s ({len(naive.dataset)} images, {workers} workers)",
-        f"{epoch_seconds(naive, device, precision):.2f}",
-        f"{epoch_seconds(fast, device, precision):.2f}",
+        f"{epoch_seconds(naive, device, precision.dtype):.2f}",
+        f"{epoch_seconds(fast, device, precision.dtype):.2f}",
     )
     for count in compare:
         loader = make_loaders(data, batch_size=a.batch_size, augment=augment, device=device, num_workers=count)[0]
-        row(f"one training epoch, s, {count} loader workers", "", f"{epoch_seconds(loader, device, precision):.2f}")
+        row(
+            f"one training epoch, s, {count} loader workers",
+            "",
+            f"{epoch_seconds(loader, device, precision.dtype):.2f}",
+        )
     for dtype in dict.fromkeys((None, precision.dtype)):
-        setting = Precision(dtype, "benchmark")
         for channels_last in (False, True):
-            rate = step_rate(device, setting, channels_last, a.batch_size, steps)
-            scaler = " + GradScaler" if setting.scaled else ""
+            rate = step_rate(device, dtype, channels_last, a.batch_size, steps)
+            scaler = " + GradScaler" if dtype == torch.float16 else ""
             layout = "channels_last" if channels_last else "contiguous"
             row(f"train step images/s, {DTYPE_NAMES[dtype]}{scaler}, {layout}", "", f"{rate:,.0f}")
     if a.out:

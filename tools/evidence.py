@@ -68,7 +68,7 @@ def summarize(name: str, runs: list[dict]) -> str:
 
 def execute_notebook(quick: bool, copy_folder: Path) -> float:
     """Run S9.ipynb top to bottom in place (quick mode: into a copy in `copy_folder`); return its wall seconds."""
-    env = dict(os.environ, TQDM_DISABLE="1", S9_QUICK="1" if quick else "0")
+    env = dict(os.environ, S9_QUICK="1" if quick else "0")
     env.pop("MPLBACKEND", None)  # the notebook's own inline backend, so its figures are saved in it
     start = time.perf_counter()
     target = ["--output", str(copy_folder / "S9.quick.ipynb")] if quick else ["--inplace"]
@@ -105,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(ROOT / "Results" / "experiments"), help="the folder that gets <hardware>/")
     p.add_argument("--copy-to", default=None, help="also leave the summary and an archive of everything here")
     a = p.parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # a log of per-epoch lines, not of redrawn bars
     device = pick_device()
     folder = Path(a.results) / (hardware_slug(device) + ("-quick" if a.quick else ""))
     folder.mkdir(parents=True, exist_ok=True)
