@@ -171,6 +171,21 @@ def mixed_kernel_blocks(net: Net) -> Net:
     return net
 
 
+def zero_init_residuals(net: Net) -> Net:
+    """Each residual branch starts as nothing (its last BatchNorm's scale at 0), so every block starts as the
+    identity and the network as a shallow one that deepens as it learns (Goyal et al. 2017)."""
+    for block in net.modules():
+        if isinstance(block, Residual):
+            last_norm = [m for m in block.f.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+            nn.init.zeros_(last_norm.weight)
+    return net
+
+
+def late_width_se_zero_init(net: Net) -> Net:
+    """Design A with zero-initialised residual branches."""
+    return zero_init_residuals(late_width_se(net))
+
+
 def without_whitening(net: Net) -> Net:
     """C1 reads the pixels directly: its frozen 2x2 whitening and the ReLU after it dropped (the map stays 32x32)."""
     net.c1 = nn.Sequential(ConvBNReLU(3, net.c1[2][0].out_channels), *net.c1[3:])
@@ -245,6 +260,8 @@ LEVERS = (
     ),
     Variant("A: late width + squeeze-excitation", "none", recipe={"widths": (32, 48, 128, 144)}, network=late_width_se),
     Variant("C: mixed-kernel gated blocks", "none", recipe={"widths": (32, 48, 112, 128)}, network=mixed_kernel_blocks),
+    Variant("zero-init residuals", "none", network=zero_init_residuals),
+    Variant("A + zero-init residuals", "none", recipe={"widths": (32, 48, 128, 144)}, network=late_width_se_zero_init),
 )
 BY_NAME = {v.name: v for v in VARIANTS + LEVERS}  # table order: the ablation's variants, then the levers
 
