@@ -103,12 +103,15 @@ def check_writable(*folders: Path) -> None:
             ) from err
 
 
-def train_epochs(model, recipe, train_loader, test_loader, *, dtype, checkpoint, config) -> list[dict[str, float]]:
-    """The epoch loop: resume or start, then each epoch train, test, print and checkpoint; returns the history."""
+def train_epochs(model, recipe, train_loader, test_loader, *, dtype, checkpoint, config, **more_states):
+    """The epoch loop: resume or start, then each epoch train, test, print and checkpoint; returns the history.
+
+    more_states: other objects with a state_dict that the checkpoint must carry (tools.ablation's weight average).
+    """
     scaler = grad_scaler(next(model.parameters()).device, dtype)  # fp16 only
     optimizer = recipe.optimizer(model)
     schedule = recipe.schedule(optimizer, steps_per_epoch=len(train_loader))
-    states = {"model": model, "optimizer": optimizer, "scheduler": schedule, "scaler": scaler}
+    states = {"model": model, "optimizer": optimizer, "scheduler": schedule, "scaler": scaler, **more_states}
     history = load_checkpoint(checkpoint, config=config, **states)
     for h in history:
         print(epoch_line(h, recipe.epochs, config["evaluated_on"]) + "  (restored)")
