@@ -183,11 +183,6 @@ def zero_init_residuals(net: Net) -> Net:
     return net
 
 
-def late_width_se_zero_init(net: Net) -> Net:
-    """Design A with zero-initialised residual branches."""
-    return zero_init_residuals(late_width_se(net))
-
-
 def without_whitening(net: Net) -> Net:
     """C1 reads the pixels directly: its frozen 2x2 whitening and the ReLU after it dropped (the map stays 32x32)."""
     net.c1 = nn.Sequential(ConvBNReLU(3, net.c1[2][0].out_channels), *net.c1[3:])
@@ -264,9 +259,7 @@ LEVERS = (
     Variant("A: late width + squeeze-excitation", "none", recipe={"widths": (32, 48, 128, 144)}, network=late_width_se),
     Variant("C: mixed-kernel gated blocks", "none", recipe={"widths": (32, 48, 112, 128)}, network=mixed_kernel_blocks),
     Variant("zero-init residuals", "none", network=zero_init_residuals),
-    Variant("A + zero-init residuals", "none", recipe={"widths": (32, 48, 128, 144)}, network=late_width_se_zero_init),
     Variant("EMA 0.995", "none", ema=0.995),  # about a two-epoch horizon at ~88 steps per epoch
-    Variant("A + EMA 0.995", "none", recipe={"widths": (32, 48, 128, 144)}, network=late_width_se, ema=0.995),
 )
 BY_NAME = {v.name: v for v in VARIANTS + LEVERS}  # table order: the ablation's variants, then the levers
 
