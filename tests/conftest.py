@@ -27,6 +27,26 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
+@pytest.fixture
+def killed_in_epoch(monkeypatch: pytest.MonkeyPatch):
+    """killed_in_epoch(module, k): module.train raises KeyboardInterrupt on its k-th call, as a kill or a lost
+    runtime would mid-epoch; the returned function puts the real train back (a rerun then resumes)."""
+
+    def kill(module, k: int):
+        real_train, calls = module.train, []
+
+        def train(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == k:
+                raise KeyboardInterrupt
+            return real_train(*args, **kwargs)
+
+        monkeypatch.setattr(module, "train", train)
+        return lambda: monkeypatch.setattr(module, "train", real_train)
+
+    return kill
+
+
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
     """The folder holding cifar-10-batches-py ($CIFAR10_ROOT), or a skip saying why."""

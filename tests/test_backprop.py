@@ -42,20 +42,6 @@ def _run(data, epochs=3, checkpoint=None, recipe=RECIPE, model=None, test_data=N
     return model, history
 
 
-def _interrupted(monkeypatch, in_epoch: int):
-    """Make train.py's loop raise KeyboardInterrupt in epoch `in_epoch`, as a kill would; returns the undo."""
-    real_train, calls = script.train, []
-
-    def train(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == in_epoch:
-            raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(script, "train", train)
-    return lambda: monkeypatch.setattr(script, "train", real_train)
-
-
 def _same_weights(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -101,9 +87,9 @@ def test_the_test_set_never_changes_training(data, cifar):
     assert _same_weights(a, b)
 
 
-def test_a_killed_and_resumed_run_matches_an_uninterrupted_one_bit_for_bit(data, tmp_path, monkeypatch):
+def test_a_killed_and_resumed_run_matches_an_uninterrupted_one_bit_for_bit(data, tmp_path, killed_in_epoch):
     straight, straight_history = _run(data, epochs=3)
-    undo = _interrupted(monkeypatch, in_epoch=3)
+    undo = killed_in_epoch(script, 3)
     with pytest.raises(KeyboardInterrupt):
         _run(data, epochs=3, checkpoint=tmp_path / "run.pt")
     undo()
@@ -112,8 +98,8 @@ def test_a_killed_and_resumed_run_matches_an_uninterrupted_one_bit_for_bit(data,
     assert _same_weights(straight, resumed) and _strip(resumed_history) == _strip(straight_history)
 
 
-def test_a_resumed_run_prints_every_epoch_once_in_order_restored_ones_marked(data, tmp_path, monkeypatch, capsys):
-    undo = _interrupted(monkeypatch, in_epoch=3)
+def test_a_resumed_run_prints_every_epoch_once_in_order_restored_ones_marked(data, tmp_path, killed_in_epoch, capsys):
+    undo = killed_in_epoch(script, 3)
     with pytest.raises(KeyboardInterrupt):
         _run(data, epochs=4, checkpoint=tmp_path / "run.pt")
     undo()

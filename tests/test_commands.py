@@ -145,24 +145,18 @@ def test_every_lever_keeps_the_assignment_so_it_could_ship():
         assert recipe.hole_size == 16 and lever.breaks == "none", lever.name
 
 
-def test_an_ema_variant_keeps_its_average_in_the_checkpoint_and_resumes_it_bit_for_bit(cifar, tmp_path, monkeypatch):
+def test_an_ema_variant_keeps_its_average_in_the_checkpoint_and_resumes_it_bit_for_bit(
+    cifar, tmp_path, killed_in_epoch
+):
     data = subsample(cifar, train_images=128, test_images=64)
     variant = ablation.BY_NAME["EMA 0.995"]
     base = dataclasses.replace(RECIPE, epochs=3, batch_size=64)
     straight = ablation.train_variant(variant, base, 0, data, tmp_path / "a")
-    real_train, calls = train.train, []
-
-    def killed_in_epoch_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train", killed_in_epoch_3)
+    undo = killed_in_epoch(train, 3)
     with pytest.raises(KeyboardInterrupt):
         ablation.train_variant(variant, base, 0, data, tmp_path / "b")
     saved = torch.load(ablation.run_file(tmp_path / "b", variant, 0, ".pt"), weights_only=True)
     assert saved["ema"]["n_averaged"] == 2 * 2  # two epochs of two steps, averaged
-    monkeypatch.setattr(train, "train", real_train)
+    undo()
     resumed = ablation.train_variant(variant, base, 0, data, tmp_path / "b")
     assert resumed["test_acc"] == straight["test_acc"] and resumed["test_acc_tta"] == straight["test_acc_tta"]

@@ -158,23 +158,15 @@ def test_foreign_files_passed_as_checkpoints_are_refused_with_what_to_do(cli, tm
     assert complaint in err and "Traceback" not in err and err.count("\n") <= 2
 
 
-def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(cli, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(cli, tmp_path, capsys, killed_in_epoch):
     out = tmp_path / "out"
     args = QUICK + ["--epochs", "2", "--out", str(out)]
-    real_train, calls = train.train, []
-
-    def interrupted_in_epoch_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_train(*a, **k)
-
-    monkeypatch.setattr(train, "train", interrupted_in_epoch_2)
+    undo = killed_in_epoch(train, 2)
     assert cli(args) == 130
     err = capsys.readouterr().err
     assert "Resume with" in err and f"python3 train.py --quick --workers 0 --epochs 2 --out {out}" in err
     assert len(torch.load(out / train.CHECKPOINT_NAME)["history"]) == 1  # the default checkpoint kept epoch 1
-    monkeypatch.setattr(train, "train", real_train)
+    undo()
     assert cli(args) == 0
     assert "after epoch 1" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["final_epoch"] == 2

@@ -36,22 +36,13 @@ def _run_training_path(overrides: dict) -> dict:
     raise AssertionError("no training cell")
 
 
-def test_an_interrupted_notebook_run_resumes_to_bit_identical_weights(cifar_root, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_notebook_run_resumes_to_bit_identical_weights(cifar_root, tmp_path, capsys, killed_in_epoch):
     straight = _run_training_path({"EPOCHS": 2, "RESULTS": str(tmp_path / "a"), "CHECKPOINT": str(tmp_path / "a.pt")})
-
-    real_train, calls = backprop.train, []
-
-    def disconnect_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the runtime went away during epoch 2
-        return real_train(*args, **kwargs)
-
     overrides = {"EPOCHS": 2, "RESULTS": str(tmp_path / "b"), "CHECKPOINT": str(tmp_path / "b.pt")}
-    monkeypatch.setattr(backprop, "train", disconnect_in_epoch_2)
+    undo = killed_in_epoch(backprop, 2)  # the runtime went away during epoch 2
     with pytest.raises(KeyboardInterrupt):
         _run_training_path(overrides)
-    monkeypatch.setattr(backprop, "train", real_train)
+    undo()
     capsys.readouterr()
     resumed = _run_training_path(overrides)  # Run all again, in a fresh kernel
     assert "after epoch 1" in capsys.readouterr().out
