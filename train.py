@@ -77,11 +77,11 @@ import torch  # noqa: E402
 
 from helpers.backprop import DivergedError, epoch_line, test, train  # noqa: E402
 from helpers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
-from helpers.dataset import DatasetNotFoundError, cifar10, make_loaders, subsample  # noqa: E402
-from helpers.device import grad_scaler, hardware, pick_device, precision_policy  # noqa: E402
-from helpers.measure import count_parameters, format_receptive_field, receptive_field  # noqa: E402
+from helpers.dataset import DatasetNotFoundError, cifar10, make_loaders  # noqa: E402
+from helpers.device import precision_policy  # noqa: E402
+from helpers.measure import layer_table  # noqa: E402
 from helpers.model import Net  # noqa: E402
-from helpers.recipe import QUICK_TEST_IMAGES, QUICK_TRAIN_IMAGES, RECIPE, SPEED_RECIPE, whitening_sample  # noqa: E402
+from helpers.recipe import RECIPE, SPEED_RECIPE  # noqa: E402
 from helpers.results import accuracy_line, save_plots, write_results  # noqa: E402
 from helpers.utils import per_class_accuracy  # noqa: E402
 
@@ -103,12 +103,12 @@ def check_writable(*folders: Path) -> None:
             ) from err
 
 
-def train_epochs(model, recipe, train_loader, test_loader, *, dtype, checkpoint, config, **more_states):
+def train_epochs(model, recipe, train_loader, test_loader, *, precision, checkpoint, config, **more_states):
     """The epoch loop: resume or start, then each epoch train, test, print and checkpoint; returns the history.
 
     more_states: other objects with a state_dict that the checkpoint must carry (tools.ablation's weight average).
     """
-    scaler = grad_scaler(next(model.parameters()).device, dtype)  # fp16 only
+    dtype, scaler = precision.dtype, precision.grad_scaler()  # a GradScaler for fp16 only
     optimizer = recipe.optimizer(model)
     schedule = recipe.schedule(optimizer, steps_per_epoch=len(train_loader))
     states = {"model": model, "optimizer": optimizer, "scheduler": schedule, "scaler": scaler, **more_states}
@@ -141,29 +141,33 @@ def train_epochs(model, recipe, train_loader, test_loader, *, dtype, checkpoint,
 def run(recipe, out: Path, checkpoint: Path, *, quick: bool, workers: int | None, source: str) -> dict:
     """Seed, load, build, train, score the final model and write the record; return the metrics."""
     torch.manual_seed(recipe.seed)  # the network's first weights; the loaders seed their own draws
-    device = pick_device()
+    precision = precision_policy()  # chosen once: fp16 + GradScaler on a T4, bf16 where native, else fp32
     torch.backends.cudnn.benchmark = True  # few batch shapes on a GPU: tuned once, then the fastest kernels
     data = cifar10()
     if quick:
-        data = subsample(data, train_images=QUICK_TRAIN_IMAGES, test_images=QUICK_TEST_IMAGES, seed=recipe.seed)
+        data = data.subsample(seed=recipe.seed)  # 512 train / 256 test images
     augment = recipe.augmentations(data.mean)
     train_loader, test_loader = make_loaders(
-        data, batch_size=recipe.batch_size, augment=augment, seed=recipe.seed, device=device, num_workers=workers
+        data,
+        batch_size=recipe.batch_size,
+        augment=augment,
+        seed=recipe.seed,
+        device=precision.device,
+        num_workers=workers,
     )
-    model = Net(recipe.widths).fit_whitening(whitening_sample(data))  # the frozen first layer, from train images
-    model.to(device, memory_format=torch.channels_last)  # the layout the convolutions prefer
-    precision = precision_policy(device)  # chosen once: fp16 + GradScaler on a T4, bf16 where native, else fp32
-    print(f"Net: {count_parameters(model):,} parameters on {hardware(device)}; precision: {precision}")
-    print(format_receptive_field(receptive_field(model)))
+    model = Net(recipe.widths).fit_whitening(data)  # the frozen first layer, from train images
+    model.to(precision.device, memory_format=torch.channels_last)  # the layout the convolutions prefer
+    print(f"on {precision.hardware}; precision: {precision}\n{layer_table(model)}")
     config = recipe.run_config(data, quick=quick)
+    history = train_epochs(
+        model, recipe, train_loader, test_loader, precision=precision, checkpoint=checkpoint, config=config
+    )
     dtype = precision.dtype
-    history = train_epochs(model, recipe, train_loader, test_loader, dtype=dtype, checkpoint=checkpoint, config=config)
 
     _, _, predictions = test(model, test_loader, dtype=dtype, predictions=True)
     _, tta_accuracy = test(model, test_loader, dtype=dtype, tta=True)  # flip TTA, beside the plain number
-    labels = test_loader.dataset.labels
-    per_class = per_class_accuracy(labels, predictions, classes=data.classes)
-    save_plots(out, history=history, test_images=data.test_images, labels=labels, predictions=predictions)
+    per_class = per_class_accuracy(data.test_labels, predictions, classes=data.classes)
+    save_plots(out, model=model, data=data, history=history, predictions=predictions)
     return write_results(
         out, model=model, config=config, history=history, tta_accuracy=tta_accuracy, per_class=per_class, source=source
     )

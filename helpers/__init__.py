@@ -1,5 +1,6 @@
-"""Helpers for the S9 notebook, in reading order: recipe (S9's choices), dataset, model (Net), backprop (train, test,
-fit); then device (precision), checkpoint, lr_finder, measure (receptive field), inference, results, utils (plots)."""
+"""Helpers for the S9 notebook, in reading order: recipe (S9's choices), dataset, model (Net), backprop (train,
+test); then device (precision), checkpoint, lr_finder, measure (layer table, receptive field), results, utils
+(plots)."""
 
 import os
 

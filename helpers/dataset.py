@@ -75,6 +75,33 @@ class ImageData:
             self.mean, self.std = channel_statistics(self.train_images)
         self.mean, self.std = tuple(self.mean), tuple(self.std)
 
+    def subsample(self, *, train_images: int | None = 512, test_images: int | None = 256, seed: int = 0) -> ImageData:
+        """A seeded random `train_images` and `test_images` of each split (None: all of it); the defaults are
+        quick mode's, a smoke test of the whole path in a minute, not a result."""
+        picked = []
+        for images, labels, size in (
+            (self.train_images, self.train_labels, train_images),
+            (self.test_images, self.test_labels, test_images),
+        ):
+            keep = slice(None) if size is None else np.random.default_rng(seed).permutation(len(images))[:size]
+            picked += [images[keep], labels[keep]]
+        return ImageData(*picked, self.classes, self.mean, self.std, self.evaluation)
+
+    def hold_out(self, size: int, seed: int = 0) -> ImageData:
+        """The same data with a seeded `size` of its training images as the evaluation split, and no test set.
+
+        Choose between recipes on this validation split; score the test set once, for the chosen one. The
+        held-out images never train, and mean/std stay the full training split's (a statistic, not a choice).
+        """
+        if not 0 < size < len(self.train_images):
+            raise ValueError(f"hold out between 1 and {len(self.train_images) - 1} training images, got {size}")
+        order = np.random.default_rng(seed).permutation(len(self.train_images))
+        keep, held = np.sort(order[size:]), np.sort(order[:size])
+        images, labels = self.train_images, self.train_labels
+        return ImageData(
+            images[keep], labels[keep], images[held], labels[held], self.classes, self.mean, self.std, "validation"
+        )
+
 
 def channel_statistics(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std on the 0..1 scale, a chunk of images at a time (not a 1.2 GB float copy)."""
@@ -158,22 +185,6 @@ def cifar10(root: str | Path | None = None) -> ImageData:
     train, test = load_cifar10(True, root), load_cifar10(False, root)
     return ImageData(
         train.data, np.array(train.targets), test.data, np.array(test.targets), CLASSES, CIFAR10_MEAN, CIFAR10_STD
-    )
-
-
-def hold_out(data: ImageData, size: int, seed: int = 0) -> ImageData:
-    """The same data with a seeded `size` of its training images as the evaluation split, and no test set.
-
-    Choose between recipes on this validation split; score the test set once, for the chosen one. The
-    held-out images never train, and mean/std stay the full training split's (a statistic, not a choice).
-    """
-    if not 0 < size < len(data.train_images):
-        raise ValueError(f"hold out between 1 and {len(data.train_images) - 1} training images, got {size}")
-    order = np.random.default_rng(seed).permutation(len(data.train_images))
-    keep, held = np.sort(order[size:]), np.sort(order[:size])
-    images, labels = data.train_images, data.train_labels
-    return ImageData(
-        images[keep], labels[keep], images[held], labels[held], data.classes, data.mean, data.std, "validation"
     )
 
 
@@ -315,22 +326,6 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(16, cores if device.type == "cuda" else cores - 1))
 
 
-def subsample(data: ImageData, *, train_images: int | None, test_images: int | None, seed: int = 0) -> ImageData:
-    """A seeded random `train_images` and `test_images` of `data` (None: all of a split), for quick runs and tests."""
-
-    def pick(images: np.ndarray, labels: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
-        if size is None:
-            return images, labels
-        keep = np.random.default_rng(seed).permutation(len(images))[:size]
-        return images[keep], labels[keep]
-
-    train, test = (
-        pick(data.train_images, data.train_labels, train_images),
-        pick(data.test_images, data.test_labels, test_images),
-    )
-    return ImageData(*train, *test, data.classes, data.mean, data.std, data.evaluation)
-
-
 def make_loaders(
     data: ImageData,
     *,
@@ -345,7 +340,7 @@ def make_loaders(
     augment: the train transforms, run on uint8 pixels (none by default). The order of batches and every
     augmentation depend only on (seed, epoch), whatever the number of workers: so a resumed run draws the
     batches an uninterrupted one would; seed=None takes torch's, so torch.manual_seed(seed) alone fixes them.
-    `hold_out(cifar10(), 5000)` as `data` makes the second a validation loader.
+    `cifar10().hold_out(5000)` as `data` makes the second a validation loader.
     """
     seed = torch.initial_seed() % 2**31 if seed is None else seed
     workers = default_workers(device) if num_workers is None else num_workers

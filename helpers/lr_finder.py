@@ -2,24 +2,30 @@
 
 Give it the model and the optimizer you will train with (`torch.optim.Adam(model.parameters())`, as with
 torch-lr-finder). It trains that model with that optimizer while raising the learning rate exponentially
-every batch, records the smoothed loss, and afterwards puts the model and the optimizer back to their state
-before the test. Own code rather than torch-lr-finder (which works on this kit's loaders too): each batch is
-one call of `train`, so the sweep runs the training's loss (label smoothing included) at its precision.
+every batch, records the smoothed loss, and afterwards puts the model, the optimizer and the fp16 GradScaler
+back to their state before the test. Own code rather than torch-lr-finder (which works on this kit's loaders
+too): each batch is one call of `train`, so the sweep runs the training's loss (label smoothing included) at its
+precision.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from .backprop import DivergedError, train
-from .device import grad_scaler
+from .utils import save
+
+SMOOTHING = 0.9  # the loss's running mean: one batch's loss is too noisy to read a slope from
 
 
 @dataclass
@@ -56,40 +62,62 @@ class LRRangeTest:
         """The lr of the lowest smoothed loss: beyond it training diverges, so useful peaks lie at or below it."""
         return float(self.lrs[int(np.argmin(self.losses))])
 
+    def plot(self, *, chosen_lr: float | None = None, path: str | Path | None = None) -> plt.Figure:
+        """Smoothed loss against learning rate (log scale), with the steepest descent, the lowest loss and `chosen_lr`.
+
+        Past the lowest point the loss climbs back to where it started: the network is diverging, and whatever the
+        curve does after that (it can dip again) is noise of a broken network, so the plot stops there.
+        """
+        fig, ax = plt.subplots(figsize=(7, 4))
+        lowest, n, start = int(np.argmin(self.losses)), len(self.losses), self.losses[0]
+        end = next((i + 1 for i in range(lowest + 1, n) if self.losses[i] >= start), n)
+        ax.plot(self.lrs[:end], self.losses[:end])
+        if self.descends:  # else there is no steepest descent to mark
+            ax.axvline(
+                self.steepest, color="tab:orange", linestyle="--", label=f"steepest descent: {self.steepest:.3g}"
+            )
+        ax.axvline(self.minimum, color="tab:red", linestyle=":", label=f"lowest loss: {self.minimum:.3g}")
+        if chosen_lr is not None:
+            ax.axvline(chosen_lr, color="tab:green", label=f"peak used: {chosen_lr:g}")
+        top = start + 0.5 * (start - min(self.losses))  # the blow-up would flatten the fall
+        ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed training loss")
+        ax.set_title("LR range test, drawn until the loss climbs back to where it started")
+        ax.set_ylim(min(self.losses) - 0.1 * (top - min(self.losses)), top)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        return save(fig, path)
+
 
 def lr_range_test(
     model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     *,
+    scaler: torch.amp.GradScaler | None = None,
     dtype: torch.dtype | None = None,
     label_smoothing: float = 0.0,
-    start_lr: float = 1e-4,
-    end_lr: float = 10.0,
-    steps: int = 100,
+    lrs: Sequence[float] = tuple(np.geomspace(1e-4, 10, 100)),
 ) -> LRRangeTest:
-    """Train `model` with `optimizer` at lrs rising from start_lr to end_lr, one batch each; then restore both.
+    """Train `model` with `optimizer` one batch at each of `lrs` (exponentially rising); then restore all three.
 
-    dtype and label_smoothing: the training's, so the sweep measures the loss training minimizes, as fast.
-    Stops early once the smoothed loss exceeds 4x its best (divergence).
+    scaler, dtype and label_smoothing: the training's, so the sweep measures the loss training minimizes, as fast.
+    A loader shorter than `lrs` is cycled. Stops early once the smoothed loss exceeds 4x its best (divergence).
     """
-    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    saved = copy.deepcopy([obj.state_dict() for obj in (model, optimizer, scaler) if obj is not None])
     try:
-        sweep = _sweep(model, loader, optimizer, np.geomspace(start_lr, end_lr, steps), dtype, label_smoothing)
+        sweep = _sweep(model, loader, optimizer, lrs, scaler, dtype, label_smoothing)
     finally:
-        model.load_state_dict(saved[0])
-        optimizer.load_state_dict(saved[1])
+        for obj, state in zip([obj for obj in (model, optimizer, scaler) if obj is not None], saved):
+            obj.load_state_dict(state)
     if not sweep.losses:
         raise ValueError(
-            f"the first loss, at lr {start_lr:.3g}, was not finite: check the inputs for NaN or inf, or lower start_lr"
+            f"the first loss, at lr {lrs[0]:.3g}, was not finite: check the inputs for NaN or inf, or start lower"
         )
     return sweep
 
 
-def _sweep(model, loader, optimizer, lrs, dtype, label_smoothing, smoothing: float = 0.9) -> LRRangeTest:
-    """The range test itself: one batch per lr (a loader shorter than `lrs` is cycled); stops at divergence."""
-    device = next(model.parameters()).device
-    scaler = grad_scaler(device, dtype)
+def _sweep(model, loader, optimizer, lrs, scaler, dtype, label_smoothing) -> LRRangeTest:
+    """The range test itself: one batch per lr, a bias-corrected running mean of the loss; stops at divergence."""
     tried, losses, average, best, batches = [], [], 0.0, math.inf, iter(())
     for step, lr in enumerate(lrs):
         batch = next(batches, None)
@@ -102,8 +130,8 @@ def _sweep(model, loader, optimizer, lrs, dtype, label_smoothing, smoothing: flo
             loss, _ = train(model, [batch], optimizer, scaler=scaler, dtype=dtype, label_smoothing=label_smoothing)
         except DivergedError:  # the loss is no longer finite: the sweep is over
             break
-        average = smoothing * average + (1 - smoothing) * loss
-        smoothed = average / (1 - smoothing ** (step + 1))  # bias-corrected running mean
+        average = SMOOTHING * average + (1 - SMOOTHING) * loss
+        smoothed = average / (1 - SMOOTHING ** (step + 1))
         tried.append(float(lr))
         losses.append(smoothed)
         best = min(best, smoothed)

@@ -116,7 +116,7 @@ class _ReceptiveFieldTracer(TorchFunctionMode):
         return out
 
 
-def _trace_receptive_field(model: nn.Module, input_size: tuple[int, int, int]) -> _ReceptiveFieldTracer:
+def _trace(model: nn.Module, input_size: tuple[int, int, int]) -> _ReceptiveFieldTracer:
     """Run one forward pass of `model` under the tracer, naming every row by the module that ran it."""
     stack: list[str] = []
     hooks = []
@@ -137,38 +137,24 @@ def _trace_receptive_field(model: nn.Module, input_size: tuple[int, int, int]) -
     return tracer
 
 
-def receptive_field(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> list[RFRow]:
-    """The receptive-field table: every convolution and pooling forward runs, in order, with the
-    field of the longest path into it (rf_out = rf_in + dilation * (kernel - 1) * jump_in,
-    jump_out = jump_in * stride). Residual branches and shortcut convs are followed, not chained.
-    A pooling down to 1x1 (global average pooling) sees the whole map and has no row: the last row's
-    rf_out is the total receptive field.
+@dataclass
+class Measures:
+    """What one traced forward pass tells of a network."""
+
+    rows: list[RFRow]  # every convolution and pooling that keeps a map (> 1x1), in the order forward runs them
+    receptive_field: int  # of one unit of the last spatial map, before GAP: the number the assignment asks > 44
+    macs: int  # multiply-accumulates per image of every convolution and linear layer: what the hardware pays
+    params: int  # every weight, frozen ones included: the number the assignment caps at 200,000
+
+
+def measure(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> Measures:
+    """Trace one forward pass: each row's field is that of the longest path into it (rf_out = rf_in + dilation *
+    (kernel - 1) * jump_in, jump_out = jump_in * stride), so residual branches and shortcut convs are followed,
+    not chained. A pooling down to 1x1 (global average pooling) sees the whole map and gets no row.
     """
-    return [row for row in _trace_receptive_field(model, input_size).rows if row.size_out > 1]
-
-
-def total_receptive_field(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> int:
-    """RF of one unit of the last spatial feature map (before GAP): the number the assignment asks > 44."""
-    return _trace_receptive_field(model, input_size).last_map_rf
-
-
-def format_receptive_field(rows: list[RFRow]) -> str:
-    """The layer table as aligned text, one convolution or pooling per line: kernel, dilation, groups (> 1: depthwise),
-    stride, padding, map size in -> out, receptive field in -> out, jump in -> out, and its parameters."""
-    head = f"{'layer':<14}{'k':>3}{'d':>3}{'g':>5}{'s':>3}{'p':>3}{'map':>9}{'rf':>9}{'jump':>7}{'params':>9}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r.layer:<14}{r.kernel:>3}{r.dilation:>3}{r.groups:>5}{r.stride:>3}{r.padding:>3}"
-            f"{f'{r.size_in}->{r.size_out}':>9}{f'{r.rf_in}->{r.rf_out}':>9}{f'{r.jump_in}->{r.jump_out}':>7}"
-            f"{r.params:>9,}"
-        )
-    return "\n".join(lines)
-
-
-def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> int:
-    """Multiply-accumulates per image of every convolution and linear layer forward runs (what the hardware pays)."""
-    return _trace_receptive_field(model, input_size).macs
+    tracer = _trace(model, input_size)
+    rows = [row for row in tracer.rows if row.size_out > 1]
+    return Measures(rows, tracer.last_map_rf, tracer.macs, count_parameters(model))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -177,13 +163,22 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def layer_table(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> str:
-    """The network on one screen: a line per convolution, then its receptive field, parameters and cost."""
-    tracer = _trace_receptive_field(model, input_size)
-    return "\n".join(
-        [
-            format_receptive_field([row for row in tracer.rows if row.size_out > 1]),
-            f"receptive field of the last feature map: {tracer.last_map_rf} pixels",
-            f"parameters: {count_parameters(model):,} (BatchNorm's and frozen ones included)",
-            f"multiply-accumulates per image: {tracer.macs / 1e6:.1f} M",
-        ]
-    )
+    """The network on one screen: a line per convolution (kernel, dilation, groups > 1: depthwise, stride, padding,
+    map in -> out, receptive field and jump in -> out, weights), then its receptive field, parameters and cost."""
+    m = measure(model, input_size)
+    head = f"{'layer':<14}{'k':>3}{'d':>3}{'g':>5}{'s':>3}{'p':>3}{'map':>9}{'rf':>9}{'jump':>7}{'params':>9}"
+    lines = [head, "-" * len(head)]
+    for r in m.rows:
+        lines.append(
+            f"{r.layer:<14}{r.kernel:>3}{r.dilation:>3}{r.groups:>5}{r.stride:>3}{r.padding:>3}"
+            f"{f'{r.size_in}->{r.size_out}':>9}{f'{r.rf_in}->{r.rf_out}':>9}{f'{r.jump_in}->{r.jump_out}':>7}"
+            f"{r.params:>9,}"
+        )
+    growth = [r.rf_out - r.rf_in for r in m.rows if r.rf_out > r.rf_in]
+    if 1 + sum(growth) == m.receptive_field:  # one path through every row: the field is the sum of its steps
+        lines.append("receptive field: 1 + " + " + ".join(map(str, growth)) + f" = {m.receptive_field} pixels")
+    else:  # parallel branches: the field is the longest path's
+        lines.append(f"receptive field of the last feature map: {m.receptive_field} pixels")
+    lines.append(f"parameters: {m.params:,} (BatchNorm's and frozen ones included)")
+    lines.append(f"multiply-accumulates per image: {m.macs / 1e6:.1f} M")
+    return "\n".join(lines)

@@ -18,15 +18,8 @@ import cv2
 import torch
 import torch.nn as nn
 
-from .dataset import ImageData, mean_pixel, normalize
+from .dataset import ImageData, mean_pixel
 from .model import WIDTHS
-
-WHITENING_IMAGES = 5000  # the frozen whitening's sample: 12 x 12 patch statistics settle long before this (airbench's)
-
-
-def whitening_sample(data: ImageData) -> torch.Tensor:
-    """The first WHITENING_IMAGES training images, normalized: what Net's frozen whitening is fitted to."""
-    return normalize(torch.from_numpy(data.train_images[:WHITENING_IMAGES]), data.mean, data.std)
 
 
 @dataclass(frozen=True)
@@ -118,4 +111,3 @@ RECIPE = Recipe()
 SPEED_RECIPE = replace(RECIPE, epochs=10)
 
 TARGET_ACCURACY = 85.0  # the assignment's bar, on the plain (no TTA) final-epoch test accuracy
-QUICK_TRAIN_IMAGES, QUICK_TEST_IMAGES = 512, 256  # quick mode: a smoke test of the whole path, not a result

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 import torch.nn as nn
 
 from . import utils
 from .checkpoint import check_finite, write_atomically
-from .device import hardware, precision_policy
-from .measure import count_macs, count_parameters, total_receptive_field
+from .dataset import ImageData
+from .device import precision_policy
+from .measure import measure
 from .recipe import TARGET_ACCURACY
 
 WEIGHTS_NAME = "s9_net.pt"  # a state_dict that Net(recipe.widths) loads
@@ -50,30 +50,8 @@ def write_results(
     config: the checkpoint's (the recipe's record, the data sizes, quick). The machine, torch and the network's
     measures are read here, so a run records them without carrying them.
     """
-    device = next(model.parameters()).device
-    epoch_85, seconds_85 = time_to_target(history)
-    metrics = {
-        "final_test_acc": history[-1]["test_acc"],
-        "final_test_acc_tta": tta_accuracy,
-        "final_test_loss": history[-1]["test_loss"],
-        "final_epoch": history[-1]["epoch"],
-        "test_acc_per_epoch": [h["test_acc"] for h in history],
-        "params": count_parameters(model),
-        "macs_per_image": count_macs(model),
-        "receptive_field": total_receptive_field(model),
-        "epoch_to_85": epoch_85,
-        "seconds_to_85": seconds_85,
-        "total_train_seconds": sum(h["train_seconds"] for h in history),
-        "total_seconds": sum(h["seconds"] for h in history),
-        "per_class_acc": per_class,
-        "device": hardware(device),
-        "precision": str(precision_policy(device)),
-        "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "source": source,
-        "config": config,
-        "history": history,
-    }
+    metrics = run_metrics(model, history, tta_accuracy=tta_accuracy, per_class=per_class)
+    metrics |= {"source": source, "config": config, "history": history}
     folder = Path(folder)
     text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"  # NaN is not JSON: refuse rather than write it
     check_finite(model)
@@ -82,6 +60,33 @@ def write_results(
     write_atomically(folder / WEIGHTS_NAME, lambda p: torch.save(weights, p))
     write_atomically(folder / "training_logs.md", lambda p: p.write_text(training_log(metrics)))
     return metrics
+
+
+def run_metrics(
+    model: nn.Module, history: list[dict[str, float]], *, tta_accuracy: float, per_class: dict[str, float]
+) -> dict[str, Any]:
+    """The final numbers, the network's measures and the machine that ran it, read from the model itself."""
+    epoch_85, seconds_85 = time_to_target(history)
+    precision, network = precision_policy(next(model.parameters()).device), measure(model)
+    return {
+        "final_test_acc": history[-1]["test_acc"],
+        "final_test_acc_tta": tta_accuracy,
+        "final_test_loss": history[-1]["test_loss"],
+        "final_epoch": history[-1]["epoch"],
+        "test_acc_per_epoch": [h["test_acc"] for h in history],
+        "params": network.params,
+        "macs_per_image": network.macs,
+        "receptive_field": network.receptive_field,
+        "epoch_to_85": epoch_85,
+        "seconds_to_85": seconds_85,
+        "total_train_seconds": sum(h["train_seconds"] for h in history),
+        "total_seconds": sum(h["seconds"] for h in history),
+        "per_class_acc": per_class,
+        "device": precision.hardware,
+        "precision": str(precision),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def accuracy_line(m: dict[str, Any]) -> str:
@@ -126,17 +131,14 @@ def training_log(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save_plots(
-    folder: str | Path, *, history: list[dict[str, float]], test_images: np.ndarray, labels, predictions
-) -> None:
-    """The run's pictures: curves, misclassified gallery, confusion matrix, per-class accuracy."""
+def save_plots(folder: str | Path, *, model: nn.Module, data: ImageData, history: list, predictions) -> None:
+    """train.py's pictures of a run: curves, confusion matrix with per-class accuracy, GradCAM of mistakes."""
     folder = Path(folder)
     for fig in (
         utils.plot_history(history, target=TARGET_ACCURACY, path=folder / "curves.png"),
-        utils.plot_misclassified(test_images, labels, predictions=predictions, path=folder / "misclassified.png"),
-        utils.plot_confusion_matrix(labels, predictions, path=folder / "confusion_matrix.png"),
-        utils.plot_per_class_accuracy(
-            utils.per_class_accuracy(labels, predictions), path=folder / "per_class_accuracy.png"
+        utils.plot_confusion_matrix(
+            data.test_labels, predictions, classes=data.classes, path=folder / "confusion_matrix.png"
         ),
+        utils.plot_gradcam(model, data, predictions=predictions, layer=model.c4, path=folder / "gradcam.png"),
     ):
         plt.close(fig)

@@ -1,4 +1,4 @@
-"""Pictures for the notebook and the logs: sample grids, curves, LR range test, mistakes, GradCAM, confusion.
+"""Pictures for the notebook and the logs: augmentations, curves, GradCAM of mistakes, confusion matrix.
 
 Every plot takes the class names (CIFAR-10's by default) and says only what the caller's run is.
 """
@@ -16,8 +16,7 @@ import seaborn as sns
 import torch
 import torch.nn as nn
 
-from .dataset import CIFAR10_MEAN, CIFAR10_STD, CLASSES, normalize, seed_pipeline
-from .lr_finder import LRRangeTest
+from .dataset import CIFAR10_MEAN, CIFAR10_STD, CLASSES, ImageData, normalize, seed_pipeline
 
 
 def save(fig: plt.Figure, path: str | Path | None) -> plt.Figure:
@@ -52,44 +51,33 @@ def _names(labels: Sequence[int], classes: Sequence[str]) -> list[str]:
     return [classes[v] for v in labels]
 
 
-def plot_samples(
-    images: np.ndarray,
-    labels: Sequence[int],
-    *,
-    classes: Sequence[str] = CLASSES,
-    count: int = 20,
-    columns: int = 10,
-    path: str | Path | None = None,
-) -> plt.Figure:
-    """The first `count` uint8 images with their class names: what the network is asked to tell apart."""
-    fig, axes = _grid(count, columns)
-    for ax, image, name in zip(axes.flat, images[:count], _names(labels[:count], classes)):
-        _show(ax, image)
-        ax.set_title(name, fontsize=9)
-    fig.suptitle("Training images")
-    return save(fig, path)
-
-
 def plot_augmentations(
-    images: np.ndarray,
+    data: ImageData,
     augment: A.BaseCompose | Sequence[A.BasicTransform],
     *,
+    count: int = 4,
     draws: int = 7,
     seed: int | None = None,
     path: str | Path | None = None,
 ) -> plt.Figure:
-    """Each uint8 image (a row) then `draws` passes of the train augmentations (seeded as the loaders seed them)."""
+    """The first `count` training images, each (a row) then `draws` passes of the train augmentations, seeded as
+    the loaders seed them: what the network is asked to tell apart, and what it trains on instead."""
     pipeline = augment if isinstance(augment, A.BaseCompose) else A.Compose(list(augment))
     if seed is not None:
         seed_pipeline(pipeline, seed)
-    fig, axes = _grid(len(images) * (draws + 1), draws + 1)
-    for row, image in enumerate(images):
+    fig, axes = _grid(count * (draws + 1), draws + 1)
+    for row, (image, name) in enumerate(
+        zip(data.train_images[:count], _names(data.train_labels[:count], data.classes))
+    ):
         _show(axes[row, 0], image)
-        axes[row, 0].set_title("original", fontsize=9)
+        axes[row, 0].set_title(name, fontsize=9, fontweight="bold")
         for col in range(1, draws + 1):
             _show(axes[row, col], pipeline(image=image)["image"])
             axes[row, col].set_title(f"draw {col}", fontsize=9)
-    fig.suptitle("Train augmentations: " + ", ".join(type(t).__name__ for t in pipeline.transforms))
+    fig.suptitle(
+        "Training images (left) and the train augmentations: "
+        + ", ".join(type(t).__name__ for t in pipeline.transforms)
+    )
     return save(fig, path)
 
 
@@ -112,56 +100,9 @@ def plot_history(
     return save(fig, path)
 
 
-def plot_lr_range_test(
-    result: LRRangeTest, *, chosen_lr: float | None = None, path: str | Path | None = None
-) -> plt.Figure:
-    """Smoothed loss against learning rate (log scale), with the steepest-descent suggestion and `chosen_lr`."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    lowest = int(np.argmin(result.losses))
-    # Past the lowest point the loss climbs back to where it started: the network is diverging, and whatever the
-    # curve does after that (it can dip again) is noise of a broken network, so the plot stops there.
-    n = len(result.losses)
-    end = next((i + 1 for i in range(lowest + 1, n) if result.losses[i] >= result.losses[0]), n)
-    ax.plot(result.lrs[:end], result.losses[:end])
-    if result.descends:  # else there is no steepest descent to mark
-        ax.axvline(
-            result.steepest, color="tab:orange", linestyle="--", label=f"steepest descent: {result.steepest:.3g}"
-        )
-    ax.axvline(result.minimum, color="tab:red", linestyle=":", label=f"lowest loss: {result.minimum:.3g}")
-    if chosen_lr is not None:
-        ax.axvline(chosen_lr, color="tab:green", label=f"peak used: {chosen_lr:g}")
-    top = result.losses[0] + 0.5 * (result.losses[0] - min(result.losses))  # the blow-up would flatten the fall
-    ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed training loss")
-    ax.set_title("LR range test, drawn until the loss climbs back to where it started")
-    ax.set_ylim(min(result.losses) - 0.1 * (top - min(result.losses)), top)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    return save(fig, path)
-
-
-def misclassified(labels: torch.Tensor, predictions: torch.Tensor, count: int) -> list[int]:
+def misclassified(labels: Sequence[int], predictions: torch.Tensor, count: int) -> list[int]:
     """Indices of the first `count` wrong predictions."""
-    return torch.nonzero(predictions != labels).flatten()[:count].tolist()
-
-
-def plot_misclassified(
-    images: np.ndarray,
-    labels: torch.Tensor,
-    *,
-    predictions: torch.Tensor,
-    classes: Sequence[str] = CLASSES,
-    count: int = 20,
-    path: str | Path | None = None,
-) -> plt.Figure:
-    """The first `count` test images the model got wrong, with true and predicted class."""
-    wrong = misclassified(labels, predictions, count)
-    fig, axes = _grid(max(len(wrong), 1), 5, cell=2.0)
-    for ax, i in zip(axes.flat, wrong):
-        _show(ax, images[i])
-        true, pred = _names([labels[i], predictions[i]], classes)
-        ax.set_title(f"true: {true}\npred: {pred}", fontsize=9)
-    fig.suptitle(f"{len(wrong)} misclassified test images")
-    return save(fig, path)
+    return torch.nonzero(predictions.cpu() != torch.as_tensor(labels).cpu()).flatten()[:count].tolist()
 
 
 def gradcam(
@@ -195,53 +136,41 @@ def gradcam(
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
     except IndexError as err:
         raise ValueError(
-            f"GradCAM failed ({err}): every target class must be below the model's "
-            f"{_num_outputs(fp32_model, x)} outputs, and `layer` must be a module the forward pass runs (e.g. model.c4)"
+            f"GradCAM failed ({err}): every target must be one of the model's output classes, "
+            "and `layer` a module the forward pass runs (e.g. model.c4)"
         ) from err
     finally:
         cam.activations_and_grads.release()
 
 
-def _num_outputs(model: nn.Module, x: torch.Tensor) -> int:
-    """How many class scores the model gives (for error messages)."""
-    with torch.no_grad():
-        return model(x[:1]).shape[-1]
-
-
 def plot_gradcam(
     model: nn.Module,
-    images: np.ndarray,
+    data: ImageData,
     *,
-    labels: torch.Tensor,
     predictions: torch.Tensor,
     layer: nn.Module,
-    classes: Sequence[str] = CLASSES,
-    mean: Sequence[float] = CIFAR10_MEAN,
-    std: Sequence[float] = CIFAR10_STD,
     count: int = 10,
     path: str | Path | None = None,
 ) -> plt.Figure:
-    """Misclassified images beside the GradCAM of the predicted class: where the network looked when wrong.
-
-    With no mistakes, a figure that says so (and no GradCAM).
+    """The first `count` misclassified test images, each beside the GradCAM of the class said: where the network
+    looked when wrong. With no mistakes, a figure that says so (and no GradCAM).
     """
     from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: PLC0415
 
-    wrong = misclassified(labels, predictions, count)
+    images, labels, wrong = data.test_images, data.test_labels, misclassified(data.test_labels, predictions, count)
     if not wrong:
         fig, ax = plt.subplots(figsize=(6, 1))
         ax.axis("off")
         ax.text(0.5, 0.5, f"no misclassified images among {len(labels)}: nothing to explain", ha="center")
         return save(fig, path)
-    heatmaps = gradcam(
-        model, images[wrong], targets=[int(predictions[i]) for i in wrong], layer=layer, mean=mean, std=std
-    )
+    targets = [int(predictions[i]) for i in wrong]
+    heatmaps = gradcam(model, images[wrong], targets=targets, layer=layer, mean=data.mean, std=data.std)
     rows = -(-len(wrong) // 2)  # two image + heatmap pairs per row, a gap column between them
     fig, axes = plt.subplots(rows, 5, figsize=(8, 2 * rows + 0.8), squeeze=False, width_ratios=[1, 1, 0.3, 1, 1])
     for ax in axes.flat:
         ax.axis("off")
     for k, (i, heatmap) in enumerate(zip(wrong, heatmaps)):
-        image, (true, pred) = images[i], _names([labels[i], predictions[i]], classes)
+        image, (true, pred) = images[i], _names([labels[i], predictions[i]], data.classes)
         picture, cam = axes[k // 2, 3 * (k % 2)], axes[k // 2, 3 * (k % 2) + 1]
         _show(picture, image)
         picture.set_title(f"true: {true}", fontsize=9)
@@ -257,50 +186,43 @@ def plot_gradcam(
 
 
 def confusion_matrix(
-    labels: torch.Tensor, predictions: torch.Tensor, *, classes: Sequence[str] = CLASSES
+    labels: Sequence[int], predictions: torch.Tensor, *, classes: Sequence[str] = CLASSES
 ) -> np.ndarray:
     """len(classes) x len(classes) counts: row = true class, column = predicted class."""
     n = len(classes)
+    labels, predictions = torch.as_tensor(labels).cpu().numpy(), predictions.cpu().numpy()  # CUDA has no .numpy()
     _names([*labels.tolist(), *predictions.tolist()], classes)
-    labels, predictions = labels.cpu().numpy(), predictions.cpu().numpy()  # CUDA tensors have no .numpy()
     return np.bincount(labels * n + predictions, minlength=n * n).reshape(n, n)
 
 
-def plot_confusion_matrix(
-    labels: torch.Tensor, predictions: torch.Tensor, *, classes: Sequence[str] = CLASSES, path: str | Path | None = None
-) -> plt.Figure:
-    """Which classes are mistaken for which (numbers written in the cells for up to 20 classes)."""
-    size = min(20, 4 + 0.45 * len(classes))
-    fig, ax = plt.subplots(figsize=(size, size * 0.8))
-    sns.heatmap(
-        confusion_matrix(labels, predictions, classes=classes),
-        annot=len(classes) <= 20,
-        fmt="d",
-        cmap="Blues",
-        cbar=len(classes) > 20,
-        xticklabels=classes,
-        yticklabels=classes,
-        ax=ax,
-    )
-    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix, test set")
-    return save(fig, path)
-
-
 def per_class_accuracy(
-    labels: torch.Tensor, predictions: torch.Tensor, *, classes: Sequence[str] = CLASSES
+    labels: Sequence[int], predictions: torch.Tensor, *, classes: Sequence[str] = CLASSES
 ) -> dict[str, float]:
     """Accuracy % of each class: the average hides which classes are still hard."""
     matrix = confusion_matrix(labels, predictions, classes=classes)
     return {name: 100 * matrix[i, i] / max(1, matrix[i].sum()) for i, name in enumerate(classes)}
 
 
-def plot_per_class_accuracy(accuracy: dict[str, float], *, path: str | Path | None = None) -> plt.Figure:
-    """Bar chart of per_class_accuracy, worst class first."""
-    ranked = sorted(accuracy.items(), key=lambda kv: kv[1])
-    fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(ranked)), 3.5))
-    sns.barplot(x=[k for k, _ in ranked], y=[v for _, v in ranked], ax=ax, color="steelblue")
-    if len(ranked) <= 20:
-        ax.bar_label(ax.containers[0], fmt="%.1f", fontsize=8)
-    ax.set(ylabel="test accuracy %", ylim=(0, 105), title="Per-class test accuracy")
-    ax.tick_params(axis="x", rotation=30 if len(ranked) <= 20 else 90)
+def plot_confusion_matrix(
+    labels: Sequence[int],
+    predictions: torch.Tensor,
+    *,
+    classes: Sequence[str] = CLASSES,
+    path: str | Path | None = None,
+) -> plt.Figure:
+    """Which classes are mistaken for which; each row is named with its class's accuracy, the hard ones first to see."""
+    accuracy = per_class_accuracy(labels, predictions, classes=classes)
+    size = min(20, 4 + 0.45 * len(classes))
+    fig, ax = plt.subplots(figsize=(size, size * 0.8))
+    sns.heatmap(
+        confusion_matrix(labels, predictions, classes=classes),
+        annot=len(classes) <= 20,  # numbers in the cells while they fit
+        fmt="d",
+        cmap="Blues",
+        cbar=len(classes) > 20,
+        xticklabels=classes,
+        yticklabels=[f"{name} {accuracy[name]:.1f}%" for name in classes],
+        ax=ax,
+    )
+    ax.set(xlabel="predicted", ylabel="true (and its accuracy)", title="Confusion matrix, test set")
     return save(fig, path)

@@ -86,10 +86,10 @@ def cifar(cifar_root: Path):
 @pytest.fixture(scope="session")
 def small(cifar):
     """Loader factory over a small real subset (256 train / 128 test), the recipe's augmentations, one process."""
-    from helpers.dataset import make_loaders, subsample
+    from helpers.dataset import make_loaders
     from helpers.recipe import RECIPE
 
-    data = subsample(cifar, train_images=256, test_images=128)
+    data = cifar.subsample(train_images=256, test_images=128)
 
     def loaders(seed: int = 0, batch_size: int = 64, augment=None, data=data):
         augment = RECIPE.augmentations(data.mean) if augment is None else augment

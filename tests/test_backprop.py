@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import train as script
 from helpers import backprop as B
 from helpers import checkpoint as C
-from helpers.dataset import make_loaders, normalize, subsample
+from helpers.dataset import make_loaders, normalize
+from helpers.device import Precision
 from helpers.lr_finder import LRRangeTest
 from helpers.model import Net
 from helpers.recipe import RECIPE
@@ -20,7 +21,10 @@ from helpers.recipe import RECIPE
 
 @pytest.fixture(scope="module")
 def data(cifar):
-    return subsample(cifar, train_images=256, test_images=128)
+    return cifar.subsample(train_images=256, test_images=128)
+
+
+FP32 = Precision(torch.device("cpu"), None, "the tests' exact arithmetic", "CPU")
 
 
 def _loaders(data, batch_size=64):
@@ -37,7 +41,7 @@ def _run(data, epochs=3, checkpoint=None, recipe=RECIPE, model=None, test_data=N
         test_loader = _loaders(test_data)[1]
     config = recipe.run_config(data)
     history = script.train_epochs(
-        model, recipe, train_loader, test_loader, dtype=None, checkpoint=checkpoint, config=config
+        model, recipe, train_loader, test_loader, precision=FP32, checkpoint=checkpoint, config=config
     )
     return model, history
 
@@ -83,7 +87,7 @@ def test_training_lowers_the_loss_and_records_every_field(data):
 
 def test_the_test_set_never_changes_training(data, cifar):
     a, _ = _run(data, epochs=2)
-    b, _ = _run(data, epochs=2, test_data=subsample(cifar, train_images=256, test_images=64, seed=9))
+    b, _ = _run(data, epochs=2, test_data=cifar.subsample(train_images=256, test_images=64, seed=9))
     assert _same_weights(a, b)
 
 
@@ -152,7 +156,7 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(data, cifar,
     with pytest.raises(C.CheckpointError, match="differs in: coarse_dropout_p, weight_decay"):
         _run(data, epochs=2, checkpoint=path, recipe=replace(RECIPE, coarse_dropout_p=0.25, weight_decay=1e-3))
     with pytest.raises(C.CheckpointError, match="differs in: train_images"):
-        _run(subsample(cifar, train_images=192, test_images=128), epochs=2, checkpoint=path)
+        _run(cifar.subsample(train_images=192, test_images=128), epochs=2, checkpoint=path)
     with pytest.raises(C.CheckpointError, match="differs in: widths"):
         _run(data, epochs=2, checkpoint=path, recipe=replace(RECIPE, widths=(16, 32, 64, 64)))
 

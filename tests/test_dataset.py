@@ -155,7 +155,7 @@ def test_missing_data_offline_says_where_it_looked_and_how_a_student_gets_it(tmp
 
 
 def test_loaders_yield_normalized_float_batches_reproducibly_whatever_the_workers(cifar):
-    data = ds.subsample(cifar, train_images=256, test_images=128)
+    data = cifar.subsample(train_images=256, test_images=128)
 
     def first_batches(workers):
         train, test = ds.make_loaders(data, batch_size=64, augment=AUGMENTATIONS, seed=3, num_workers=workers)
@@ -181,7 +181,7 @@ def test_sampler_epochs_differ_and_cover_every_image():
 
 
 def test_torch_manual_seed_alone_fixes_the_augmented_batches(cifar):
-    data = ds.subsample(cifar, train_images=64, test_images=32)
+    data = cifar.subsample(train_images=64, test_images=32)
 
     def first_batch(seed):
         return next(iter(ds.make_loaders(data, batch_size=32, augment=AUGMENTATIONS, seed=seed, num_workers=0)[0]))[0]
@@ -196,18 +196,18 @@ def test_a_validation_split_is_held_out_of_the_training_images_and_never_trains(
     images = np.zeros((1000, 4, 4, 3), dtype=np.uint8)
     images[:, 0, 0, 0], images[:, 0, 0, 1] = ids % 256, ids // 256  # each image names its index
     toy = ds.ImageData(images, ids % 10, images[:10], np.arange(10), ds.CLASSES)
-    split = ds.hold_out(toy, 100, seed=0)
+    split = toy.hold_out(100, seed=0)
     index = lambda im: set((im[:, 0, 0, 0].astype(int) + 256 * im[:, 0, 0, 1].astype(int)).tolist())  # noqa: E731
     assert len(index(split.train_images)) == 900 and len(index(split.test_images)) == 100
     assert index(split.train_images) | index(split.test_images) == set(range(1000))  # disjoint, nothing lost
-    assert index(ds.hold_out(toy, 100, seed=0).test_images) == index(split.test_images)  # seeded: one split
-    assert index(ds.hold_out(toy, 100, seed=1).test_images) != index(split.test_images)
+    assert index(toy.hold_out(100, seed=0).test_images) == index(split.test_images)  # seeded: one split
+    assert index(toy.hold_out(100, seed=1).test_images) != index(split.test_images)
     data = cifar
-    real = ds.hold_out(data, 5000, seed=0)
+    real = data.hold_out(5000, seed=0)
     assert real.evaluation == "validation" and (len(real.train_images), len(real.test_images)) == (45_000, 5000)
     assert (real.mean, real.std) == (data.mean, data.std) and np.bincount(real.test_labels).min() > 400
     with pytest.raises(ValueError, match="hold out between 1 and 49999"):
-        ds.hold_out(data, 50_000)
+        data.hold_out(50_000)
 
 
 def test_image_data_refuses_labels_that_do_not_fit_its_images_or_classes():
@@ -221,5 +221,5 @@ def test_image_data_refuses_labels_that_do_not_fit_its_images_or_classes():
 def test_make_loaders_refuses_a_batch_size_below_one_and_subsample_keeps_a_split_it_was_not_asked_to_cut(cifar):
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         ds.make_loaders(cifar, batch_size=0)
-    kept = ds.subsample(cifar, train_images=100, test_images=None)
-    assert len(kept.train_images) == 100 and kept.test_images is cifar.test_images
+    kept = cifar.subsample(train_images=100, test_images=None)
+    assert len(kept.train_images) == 100 and np.array_equal(kept.test_images, cifar.test_images)

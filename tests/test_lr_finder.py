@@ -4,11 +4,12 @@ or a non-finite first loss gets a clear message. torch-lr-finder itself runs on 
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers.dataset import make_loaders, subsample
+from helpers.dataset import make_loaders
 from helpers.lr_finder import LRRangeTest, lr_range_test
 from helpers.model import Net
 
@@ -17,7 +18,7 @@ NARROW = (8, 8, 16, 16)  # a narrow Net: the contract, not the accuracy, is unde
 
 @pytest.fixture(scope="module")
 def loader(cifar):
-    return make_loaders(subsample(cifar, train_images=1024, test_images=64), batch_size=64, seed=0, num_workers=0)[0]
+    return make_loaders(cifar.subsample(train_images=1024, test_images=64), batch_size=64, seed=0, num_workers=0)[0]
 
 
 def _sweep(loader, optimizer_for):
@@ -25,7 +26,7 @@ def _sweep(loader, optimizer_for):
     model = Net(NARROW)
     optimizer = optimizer_for(model)
     before = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
-    sweep = lr_range_test(model, loader, optimizer, start_lr=1e-4, end_lr=1.0, steps=40)
+    sweep = lr_range_test(model, loader, optimizer, lrs=np.geomspace(1e-4, 1.0, 40))
     return sweep, model, optimizer, before
 
 
@@ -59,7 +60,7 @@ def test_a_non_finite_first_loss_is_a_clear_error_not_an_empty_curve():
     loader = DataLoader(TensorDataset(nan_images, torch.zeros(8, dtype=torch.long)), batch_size=4)
     model = Net(NARROW)
     with pytest.raises(ValueError, match="first loss, at lr 0.0001, was not finite: check the inputs for NaN"):
-        lr_range_test(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), start_lr=1e-4, steps=5)
+        lr_range_test(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), lrs=np.geomspace(1e-4, 10, 5))
 
 
 def test_the_sweep_measures_the_training_loss_label_smoothing_included(loader):
@@ -68,6 +69,6 @@ def test_the_sweep_measures_the_training_loss_label_smoothing_included(loader):
         torch.manual_seed(0)
         model = Net(NARROW)
         sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-        curves[smoothing] = lr_range_test(model, loader, sgd, label_smoothing=smoothing, steps=3)
+        curves[smoothing] = lr_range_test(model, loader, sgd, label_smoothing=smoothing, lrs=[1e-4, 2e-4, 4e-4])
     # same weights, same first batch: the first point differs only by the loss the sweep computes
     assert curves[0.1].losses[0] != pytest.approx(curves[0.0].losses[0], abs=1e-4)

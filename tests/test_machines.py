@@ -43,7 +43,7 @@ def _fake_cpu(monkeypatch, amx, avx512_bf16):
 def test_gpus_with_bf16_tensor_cores_train_in_bf16(monkeypatch, name, capability):
     _fake_gpu(monkeypatch, name, capability)
     precision = D.precision_policy(CUDA)
-    assert precision.dtype == torch.bfloat16 and D.grad_scaler(torch.device("cpu"), precision.dtype) is None
+    assert precision.dtype == torch.bfloat16 and precision.grad_scaler() is None
     assert str(precision).startswith("bf16 autocast: ") and name in str(precision)
 
 
@@ -53,7 +53,8 @@ def test_t4_and_v100_train_in_fp16_with_a_grad_scaler(monkeypatch, name, capabil
     # the trap: torch.cuda.is_bf16_supported() says True on a T4 (emulation); the policy must not ask it
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     precision = D.precision_policy(CUDA)
-    assert precision.dtype == torch.float16 and D.grad_scaler(torch.device("cpu"), precision.dtype) is not None
+    assert precision.dtype == torch.float16
+    assert isinstance(replace(precision, device=torch.device("cpu")).grad_scaler(), torch.amp.GradScaler)
     major, minor = capability
     expected = (
         f"fp16 autocast + GradScaler: {name} (compute capability {major}.{minor}) has fp16 but no bf16 tensor cores"
@@ -92,7 +93,8 @@ def test_apple_gpus_train_in_fp32():
 def test_device_order_is_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-    assert D.pick_device().type == expected
+    _fake_gpu(monkeypatch, "NVIDIA L4", (8, 9))
+    assert D.precision_policy().device.type == expected
 
 
 def test_fp16_autocast_with_grad_scaler_trains_for_real(small, monkeypatch):

@@ -9,7 +9,7 @@ import torch.nn as nn
 from helpers import measure as RF
 from helpers import model as M
 from helpers.dataset import normalize
-from helpers.recipe import RECIPE, whitening_sample
+from helpers.recipe import RECIPE
 
 
 def _convs(net: nn.Module) -> list[nn.Conv2d]:
@@ -30,7 +30,7 @@ def test_no_pooling_but_global_average_and_no_stride_anywhere():
 def test_blocks_shrink_the_map_with_dilated_kernels():
     shrinking = [c for c in _convs(M.Net()) if c.padding == (0, 0) and c.kernel_size == (3, 3)]
     assert len(shrinking) == 3 and all(c.dilation[0] > 1 for c in shrinking)
-    sizes = [row.size_out for row in RF.receptive_field(M.Net()) if row.layer.endswith(("c1.4.0", "c2.1.0", "c3.1.0"))]
+    sizes = [row.size_out for row in RF.measure(M.Net()).rows if row.layer.endswith(("c1.4.0", "c2.1.0", "c3.1.0"))]
     assert sizes == [23, 15, 7]  # after the whitening's 2x2 (32 -> 31), each takes 8 pixels off
 
 
@@ -71,7 +71,7 @@ def test_under_200k_parameters():
 
 
 def test_whitening_decorrelates_patches_of_images_it_did_not_see_and_never_trains(cifar):
-    net = M.Net().fit_whitening(whitening_sample(cifar))
+    net = M.Net().fit_whitening(cifar)
     whitening = net.c1[0]
     unseen = normalize(torch.from_numpy(cifar.test_images[:2000]), cifar.mean, cifar.std)
     outputs = whitening(unseen)[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
@@ -95,7 +95,7 @@ def test_receptive_field_formula_on_a_known_stack():
     toy = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, dilation=2), nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 4, 3)
     )
-    rows = RF.receptive_field(toy, (3, 32, 32))
+    rows = RF.measure(toy, (3, 32, 32)).rows
     assert [r.rf_out for r in rows] == [3, 7, 9, 13]  # +2, +4, +2, then +2 x jump 2
     assert [r.jump_out for r in rows] == [1, 1, 2, 2]
     assert [r.size_out for r in rows] == [30, 26, 12, 10]
@@ -103,17 +103,20 @@ def test_receptive_field_formula_on_a_known_stack():
 
 def test_receptive_field_table_follows_forward_order_and_exceeds_44():
     net = M.Net()
-    rows = RF.receptive_field(net)
+    rows = RF.measure(net).rows
     conv_names = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
     assert [r.layer for r in rows] == conv_names  # no row for the global average pool: it sees the whole map
-    assert rows[-1].rf_out == RF.total_receptive_field(net) > 44
-    assert RF.format_receptive_field(rows).count("\n") == len(rows) + 1
+    assert rows[-1].rf_out == RF.measure(net).receptive_field > 44
+    table = RF.layer_table(net).splitlines()
+    assert len(table) == 2 + len(rows) + 3  # head and rule, a line per row, field, parameters, cost
+    steps = table[2 + len(rows)].split("=")[0].split(":")[1].split("+")  # "receptive field: 1 + 1 + 2 ... = 48 pixels"
+    assert sum(int(step) for step in steps) == RF.measure(net).receptive_field
 
 
 def test_gradient_of_one_central_unit_covers_exactly_the_computed_receptive_field():
     torch.manual_seed(0)
     net = M.Net().eval()
-    rf = RF.total_receptive_field(net)
+    rf = RF.measure(net).receptive_field
     grad = torch.zeros(128, 128)
     for _ in range(4):  # several random inputs, so ReLU zeros cannot hide a pixel
         x = torch.randn(1, 3, 128, 128, requires_grad=True)
@@ -132,4 +135,4 @@ def test_macs_counter_matches_hand_count():
         nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.Linear(8 * 32 * 32, 10)
     )
     expected = 32 * 32 * 8 * 3 * 9 + 32 * 32 * 8 * 1 * 9 + 8 * 32 * 32 * 10
-    assert RF.count_macs(toy) == expected
+    assert RF.measure(toy).macs == expected

@@ -51,7 +51,7 @@ def test_lr_range_test_sweeps_resnet18_with_adam_on_torchvision_batches_and_rest
     model = resnet18()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     adam = torch.optim.Adam(model.parameters(), lr=1e-3)
-    sweep = lr_range_test(model, loader, optimizer=adam, start_lr=1e-5, end_lr=1.0, steps=24)
+    sweep = lr_range_test(model, loader, optimizer=adam, lrs=np.geomspace(1e-5, 1.0, 24))
     assert len(sweep.lrs) == len(sweep.losses) > 10 and sweep.lrs[0] == pytest.approx(1e-5)
     assert min(sweep.losses) < sweep.losses[0]  # it learned at some rate
     assert sweep.lrs[0] < sweep.steepest < sweep.lrs[-1]
@@ -65,14 +65,9 @@ def test_gradcam_explains_resnet18_mistakes_and_leaves_the_model_as_it_was(split
     _, _, predictions = B.test(model, test_loader, dtype=torch.bfloat16, predictions=True)
     labels = torch.tensor([label for _, label in splits[1]])
     model.train()  # as a student might hold it mid-training: bf16 weights, train mode
+    pictures = ds.ImageData(images, labels, images, labels, ds.CLASSES, ds.CIFAR10_MEAN, ds.CIFAR10_STD)  # for the plot
     fig = utils.plot_gradcam(
-        model,
-        images,
-        labels=labels,
-        predictions=predictions,
-        layer=model.layer4[-1],
-        count=4,
-        path=tmp_path / "g.png",
+        model, pictures, predictions=predictions, layer=model.layer4[-1], count=4, path=tmp_path / "g.png"
     )
     assert sum(ax.get_title().startswith("said: ") for ax in fig.axes) == 4
     plt.close(fig)
@@ -85,7 +80,8 @@ def test_gradcam_with_no_mistakes_says_so_instead_of_calling_grad_cam(cifar_root
     with pytest.raises(ValueError, match="no images"):
         utils.gradcam(resnet18(), images[:0], targets=[], layer=None)
     monkeypatch.setattr(utils, "gradcam", lambda *a, **k: pytest.fail("grad-cam was handed an empty batch"))
-    fig = utils.plot_gradcam(resnet18(), images, labels=labels, predictions=labels, layer=None, path=tmp_path / "n.png")
+    data = ds.ImageData(images, labels, images, labels, ds.CLASSES, ds.CIFAR10_MEAN, ds.CIFAR10_STD)
+    fig = utils.plot_gradcam(resnet18(), data, predictions=labels, layer=None, path=tmp_path / "n.png")
     assert "no misclassified images among 8" in fig.axes[0].texts[0].get_text()
     plt.close(fig)
 
@@ -95,15 +91,3 @@ def test_uint8_images_handed_to_net_get_a_clear_error():
 
     with pytest.raises(ValueError, match="normalized float.*got torch.uint8"):
         Net()(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
-
-
-def test_classify_refuses_or_resizes_an_image_of_another_size(cifar_root):
-    from helpers import inference as M
-    from helpers.model import Net
-
-    net = Net().eval()
-    photo = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    with pytest.raises(ValueError, match="224x224 but the network takes 32x32: pass resize=True"):
-        M.classify(net, photo)
-    name, probabilities = M.classify(net, photo, resize=True)
-    assert name in ds.CLASSES and sum(probabilities.values()) == pytest.approx(1)

@@ -31,11 +31,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E40
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
 
 from helpers.backprop import test  # noqa: E402
-from helpers.dataset import cifar10, hold_out, make_loaders, subsample  # noqa: E402
-from helpers.device import hardware, pick_device, precision_policy  # noqa: E402
-from helpers.measure import count_macs, count_parameters, total_receptive_field  # noqa: E402
+from helpers.dataset import cifar10, make_loaders  # noqa: E402
+from helpers.device import precision_policy  # noqa: E402
+from helpers.measure import count_parameters, measure  # noqa: E402
 from helpers.model import ConvBNReLU, Net, PatchWhitening, Residual, SeparableConv  # noqa: E402
-from helpers.recipe import QUICK_TEST_IMAGES, QUICK_TRAIN_IMAGES, RECIPE, Recipe, whitening_sample  # noqa: E402
+from helpers.recipe import RECIPE, Recipe  # noqa: E402
 from tools.bench import step_rate  # noqa: E402
 from train import train_epochs  # noqa: E402
 
@@ -193,7 +193,7 @@ def fit_whitening(model: nn.Module, data: Any) -> None:
     """Fit every PatchWhitening layer of `model` (a variant may have none) as the recipe fits Net's."""
     for layer in model.modules():
         if isinstance(layer, PatchWhitening):
-            layer.fit(whitening_sample(data))
+            layer.fit(data)
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,8 @@ def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Pa
     """Train one variant for one seed (resuming its checkpoint if there is one) and return its row."""
     recipe = replace(variant.applied_to(base), seed=seed)
     torch.manual_seed(seed)
-    device = pick_device()
+    precision = precision_policy()
+    device = precision.device
     loaders = make_loaders(
         data, batch_size=recipe.batch_size, augment=recipe.augmentations(data.mean), seed=seed, device=device
     )
@@ -286,32 +287,34 @@ def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Pa
     fit_whitening(model, data)
     model.to(device, memory_format=torch.channels_last)
     checkpoint = run_file(runs, variant, seed, ".pt")
-    dtype = precision_policy(device).dtype
     config = {**recipe.run_config(data), "variant": variant.name}
     averaged = {}
     if variant.ema:  # updated after every optimizer step, checkpointed with the run, scored instead of the model
         averaged["ema"] = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(variant.ema), use_buffers=True)
         hook = register_optimizer_step_post_hook(lambda *_: averaged["ema"].update_parameters(model))
-    history = train_epochs(model, recipe, *loaders, dtype=dtype, checkpoint=checkpoint, config=config, **averaged)
+    history = train_epochs(
+        model, recipe, *loaders, precision=precision, checkpoint=checkpoint, config=config, **averaged
+    )
     if variant.ema:
         hook.remove()
     scored = averaged["ema"].module if variant.ema else model
+    network = measure(model)
     row = {
         "variant": variant.name,
         "breaks": variant.breaks,
         "seed": seed,
         "evaluated_on": data.evaluation,  # "validation" with --validation: what recipe choices read
-        "test_acc": test(scored, loaders[1], dtype=dtype)[1] if variant.ema else history[-1]["test_acc"],
-        "test_acc_tta": test(scored, loaders[1], dtype=dtype, tta=True)[1],
+        "test_acc": test(scored, loaders[1], dtype=precision.dtype)[1] if variant.ema else history[-1]["test_acc"],
+        "test_acc_tta": test(scored, loaders[1], dtype=precision.dtype, tta=True)[1],
         "last_epoch_test_acc": history[-1]["test_acc"],  # the trained model's own, beside an average's
         "params": count_parameters(model),
-        "macs": count_macs(model),
-        "receptive_field": total_receptive_field(model),
+        "macs": network.macs,
+        "receptive_field": network.receptive_field,
         "seconds_per_epoch": statistics.mean(h["train_seconds"] for h in history),
         "epochs": recipe.epochs,
         "train_images": len(data.train_images),
         "test_images": len(data.test_images),
-        "machine": f"{hardware(device)} ({str(precision_policy(device)).split(':')[0]})",
+        "machine": f"{precision.hardware} ({str(precision).split(':')[0]})",
         "date": time.strftime("%Y-%m-%d"),
     }
     run_file(runs, variant, seed, ".json").write_text(json.dumps(row, indent=2, allow_nan=False) + "\n")
@@ -346,9 +349,8 @@ def train_speeds(names: list[str], batch_size: int, steps: int) -> dict[str, flo
 
     The runs' own seconds per epoch depend on whatever else shared the machine while each ran; these do not.
     """
-    device = pick_device()
-    precision = precision_policy(device)
-    return {name: step_rate(device, precision.dtype, True, batch_size, steps, BY_NAME[name].net()) for name in names}
+    p = precision_policy()
+    return {name: step_rate(p, True, batch_size, steps, BY_NAME[name].net()) for name in names}
 
 
 def cost_table(names: list[str], batch_size: int, steps: int) -> str:
@@ -359,16 +361,16 @@ def cost_table(names: list[str], batch_size: int, steps: int) -> str:
         "# What each network costs",
         "",
         f"Train steps of batch {batch_size}, {steps} per network after a warm-up, timed one after another in one "
-        f"process on {hardware(pick_device())} ({str(precision_policy(pick_device())).split(':')[0]}), "
+        f"process on {precision_policy().hardware} ({str(precision_policy()).split(':')[0]}), "
         f"{time.strftime('%Y-%m-%d')}.",
         "",
         f"| network | parameters | MACs / image | receptive field | train images/s | time per image, x {first} |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in names:
-        net = BY_NAME[name].net()
+        net = measure(BY_NAME[name].net())
         lines.append(
-            f"| {name} | {count_parameters(net):,} | {count_macs(net) / 1e6:.1f} M | {total_receptive_field(net)} | "
+            f"| {name} | {net.params:,} | {net.macs / 1e6:.1f} M | {net.receptive_field} | "
             f"{speeds[name]:,.0f} | {speeds[first] / speeds[name]:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -449,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the ablation's variants (default) and/or the levers that keep every S9 rule",
     )
     p.add_argument("--out", default="Results/experiments/ablation", help="table, picture and the per-run records")
-    p.add_argument("--quick", action="store_true", help=f"{QUICK_TRAIN_IMAGES} / {QUICK_TEST_IMAGES} images, 1 epoch")
+    p.add_argument("--quick", action="store_true", help="512 / 256 images, 1 epoch")
     p.add_argument("--cost-only", action="store_true", help="time the variants' networks side by side (cost.md)")
     a = p.parse_args(argv)
     if a.cost_only:
@@ -463,11 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     data, rows = cifar10(), []
     if a.validation:
-        data = hold_out(data, a.validation, seed=0)  # one split for every variant and seed
+        data = data.hold_out(a.validation, seed=0)  # one split for every variant and seed
     if a.quick or a.train_images:
-        sizes = (QUICK_TRAIN_IMAGES, QUICK_TEST_IMAGES) if a.quick else (a.train_images, None)
-        data = subsample(data, train_images=sizes[0], test_images=sizes[1])
-    print(f"ablation on {hardware(pick_device())}: {len(a.variants)} variants x seeds {a.seeds} -> {out}/", flush=True)
+        data = data.subsample() if a.quick else data.subsample(train_images=a.train_images, test_images=None)
+    machine = precision_policy().hardware
+    print(f"ablation on {machine}: {len(a.variants)} variants x seeds {a.seeds} -> {out}/", flush=True)
     jobs = [(v, seed) for name, v in BY_NAME.items() if name in a.variants for seed in a.seeds]
     done = [finished_row(run_file(runs, v, seed, ".json"), v, base, data) for v, seed in jobs]
     for (variant, seed), row in zip(jobs, done):

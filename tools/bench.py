@@ -25,8 +25,8 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
 from helpers.backprop import train
-from helpers.dataset import CIFAR10_MEAN, CIFAR10_STD, ImageData, cifar10, default_workers, make_loaders, subsample
-from helpers.device import grad_scaler, hardware, pick_device, precision_policy
+from helpers.dataset import CIFAR10_MEAN, CIFAR10_STD, ImageData, cifar10, default_workers, make_loaders
+from helpers.device import Precision, precision_policy
 from helpers.model import Net
 from helpers.recipe import RECIPE
 
@@ -83,20 +83,20 @@ def _net_and_optimizer(model: nn.Module | None, device: torch.device, channels_l
 
 
 def step_rate(
-    device: torch.device,
-    dtype: torch.dtype | None,
+    precision: Precision,
     channels_last: bool,
     batch_size: int,
     steps: int,
     model: nn.Module | None = None,
 ) -> float:
     """Train-step images/s on one synthetic batch already on the device (fp16 with its GradScaler, as training)."""
+    device, dtype = precision.device, precision.dtype
     model, optimizer = _net_and_optimizer(model, device, channels_last)
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     batch = (x, torch.randint(0, 10, (batch_size,), device=device))
-    scaler = grad_scaler(device, dtype)
+    scaler = precision.grad_scaler()
     train(model, [batch] * 3, optimizer, scaler=scaler, dtype=dtype)  # warm-up: cuDNN autotuning, oneDNN primitives
     synchronize(device)
     start = time.perf_counter()
@@ -105,10 +105,11 @@ def step_rate(
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def epoch_seconds(loader: DataLoader, device: torch.device, dtype: torch.dtype | None) -> float:
+def epoch_seconds(loader: DataLoader, precision: Precision) -> float:
     """Wall seconds of one training epoch over a loader, after a warm-up step."""
+    device, dtype = precision.device, precision.dtype
     model, optimizer = _net_and_optimizer(None, device, True)
-    scaler = grad_scaler(device, dtype)
+    scaler = precision.grad_scaler()
     train(model, [next(iter(loader))], optimizer, scaler=scaler, dtype=dtype)  # warm-up outside the timer
     synchronize(device)
     start = time.perf_counter()
@@ -142,16 +143,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: prints a markdown report (and writes it with --out)."""
     a = parser().parse_args(argv)
-    device, gpu = pick_device(), torch.cuda.is_available()
+    precision = precision_policy()
+    device, gpu = precision.device, precision.device.type == "cuda"
     torch.backends.cudnn.benchmark = True  # as training sets it; no effect off CUDA
-    precision = precision_policy(device)
     workers = default_workers(device) if a.workers is None else a.workers
     batches, steps = a.loader_batches or (90 if gpu else 10), a.steps or (50 if gpu else 3)
     size = a.epoch_images or (None if gpu else 5120)
     compare = a.compare_workers if a.compare_workers is not None else sorted({1, 2, os.cpu_count() or 1})
     torch.manual_seed(0)
     lines = [
-        f"# Benchmark: {hardware(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}",
+        f"# Benchmark: {precision.hardware}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}",
         "",
         f"batch {a.batch_size}, {workers} loader workers, {precision}",
         "",
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {naive} | {fast} |")
         print(lines[-1], flush=True)
 
-    data = subsample(cifar10(), train_images=size, test_images=1000)  # loaded once for every loader below
+    data = cifar10().subsample(train_images=size, test_images=1000)  # loaded once for every loader below
     naive = naive_loader(data, a.batch_size, workers, device)
     augment = RECIPE.augmentations(data.mean)
     fast = make_loaders(data, batch_size=a.batch_size, augment=augment, device=device, num_workers=workers)[0]
@@ -175,19 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     row(
         f"one training epoch, s ({len(naive.dataset)} images, {workers} workers)",
-        f"{epoch_seconds(naive, device, precision.dtype):.2f}",
-        f"{epoch_seconds(fast, device, precision.dtype):.2f}",
+        f"{epoch_seconds(naive, precision):.2f}",
+        f"{epoch_seconds(fast, precision):.2f}",
     )
     for count in compare:
         loader = make_loaders(data, batch_size=a.batch_size, augment=augment, device=device, num_workers=count)[0]
         row(
             f"one training epoch, s, {count} loader workers",
             "",
-            f"{epoch_seconds(loader, device, precision.dtype):.2f}",
+            f"{epoch_seconds(loader, precision):.2f}",
         )
     for dtype in dict.fromkeys((None, precision.dtype)):
         for channels_last in (False, True):
-            rate = step_rate(device, dtype, channels_last, a.batch_size, steps)
+            rate = step_rate(replace(precision, dtype=dtype), channels_last, a.batch_size, steps)
             scaler = " + GradScaler" if dtype == torch.float16 else ""
             layout = "channels_last" if channels_last else "contiguous"
             row(f"train step images/s, {DTYPE_NAMES[dtype]}{scaler}, {layout}", "", f"{rate:,.0f}")

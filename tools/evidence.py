@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from helpers.device import hardware, pick_device, precision_policy
+from helpers.device import precision_policy
 
 from . import bench
 
@@ -34,9 +34,9 @@ STEPS = ("bench", "shipped", "speed", "notebook")
 NOTEBOOK_TIMEOUT_S = 4 * 3600  # per cell: the training cell of a full CPU run takes hours
 
 
-def hardware_slug(device: torch.device) -> str:
+def hardware_slug(hardware: str) -> str:
     """A folder name for this machine, e.g. 'nvidia-h100-80gb-hbm3' or 'cpu-amd-epyc-2-cores'."""
-    return re.sub(r"[^a-z0-9]+", "-", hardware(device).lower()).strip("-")
+    return re.sub(r"[^a-z0-9]+", "-", hardware.lower()).strip("-")
 
 
 def run_seeds(name: str, folder: Path, quick: bool) -> list[dict]:
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(ROOT / "Results" / "experiments"), help="the folder that gets <hardware>/")
     p.add_argument("--copy-to", default=None, help="also leave the summary and an archive of everything here")
     a = p.parse_args(argv)
-    device = pick_device()
-    folder = Path(a.results) / (hardware_slug(device) + ("-quick" if a.quick else ""))
+    precision = precision_policy()
+    folder = Path(a.results) / (hardware_slug(precision.hardware) + ("-quick" if a.quick else ""))
     folder.mkdir(parents=True, exist_ok=True)
-    header = f"{hardware(device)}, {precision_policy(device)}, torch {torch.__version__}"
+    header = f"{precision.hardware}, {precision}, torch {torch.__version__}"
     print(f"evidence on {header}\nsteps: {' '.join(a.steps)}; writing {folder}/", flush=True)
     rows, notes = [], []
     if "bench" in a.steps:
