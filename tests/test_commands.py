@@ -144,6 +144,17 @@ def test_every_lever_keeps_the_assignment_so_it_could_ship():
         assert recipe.hole_size == 16 and lever.breaks == "none", lever.name
 
 
+def test_zero_init_residuals_starts_every_block_as_the_identity_and_its_branch_still_learns():
+    net = ablation.BY_NAME["zero-init residuals"].net().train()
+    blocks = [m for m in net.modules() if isinstance(m, ablation.Residual)]
+    x = torch.randn(4, blocks[0].f[0][0].in_channels, 31, 31)
+    assert torch.equal(blocks[0](x), x)  # the branch adds exactly nothing at first
+    net(torch.randn(4, 3, 32, 32)).sum().backward()
+    last_scales = [b.f[-1][-1].weight for b in blocks]
+    assert all(isinstance(b.f[-1][-1], torch.nn.BatchNorm2d) for b in blocks)
+    assert all(w.grad.abs().sum() > 0 for w in last_scales), "a zero scale behind a ReLU never trains"
+
+
 def test_an_ema_variant_keeps_its_average_in_the_checkpoint_and_resumes_it_bit_for_bit(
     cifar, tmp_path, killed_in_epoch
 ):

@@ -174,12 +174,14 @@ def mixed_kernel_blocks(net: Net) -> Net:
 
 
 def zero_init_residuals(net: Net) -> Net:
-    """Each residual branch starts as nothing (its last BatchNorm's scale at 0), so every block starts as the
-    identity and the network as a shallow one that deepens as it learns (Goyal et al. 2017)."""
+    """Each residual branch starts as nothing, so every block starts as the identity and the network as a shallow
+    one that deepens as it learns (Goyal et al. 2017): the branch ends, as in ResNet, in its last BatchNorm with
+    scale 0. Its closing ReLU goes: after a zero scale it would pass no gradient (ReLU's at 0 is 0), and the
+    branch would never train."""
     for block in net.modules():
         if isinstance(block, Residual):
-            last_norm = [m for m in block.f.modules() if isinstance(m, nn.BatchNorm2d)][-1]
-            nn.init.zeros_(last_norm.weight)
+            block.f[-1] = nn.Sequential(*list(block.f[-1])[:-1])  # the last ConvBNReLU or SeparableConv, no ReLU
+            nn.init.zeros_(block.f[-1][-1].weight)
     return net
 
 
