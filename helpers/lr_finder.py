@@ -103,11 +103,12 @@ def lr_range_test(
     scaler, dtype and label_smoothing: the training's, so the sweep measures the loss training minimizes, as fast.
     A loader shorter than `lrs` is cycled. Stops early once the smoothed loss exceeds 4x its best (divergence).
     """
-    saved = copy.deepcopy([obj.state_dict() for obj in (model, optimizer, scaler) if obj is not None])
+    restored = [obj for obj in (model, optimizer, scaler) if obj is not None]
+    saved = copy.deepcopy([obj.state_dict() for obj in restored])
     try:
         sweep = _sweep(model, loader, optimizer, lrs, scaler, dtype, label_smoothing)
     finally:
-        for obj, state in zip([obj for obj in (model, optimizer, scaler) if obj is not None], saved):
+        for obj, state in zip(restored, saved):
             obj.load_state_dict(state)
     if not sweep.losses:
         raise ValueError(
