@@ -106,8 +106,8 @@ class Recipe:
 
 
 RECIPE = Recipe()
-# The speed configuration: the recipe on 10 epochs, the most the speed goal (85% within 10 epochs) allows, chosen
-# on the validation split; what it scored, and how close to the bar, is in docs/speed.md and Results/runs.md.
+# The speed configuration: the recipe on 10 epochs, chosen on the validation split (85.46% there). At 8 epochs five
+# recipes (more steps, milder augmentation) ended at 84.0 to 84.6% on validation, short of 85%: docs/speed.md.
 SPEED_RECIPE = replace(RECIPE, epochs=10)
 
 TARGET_ACCURACY = 85.0  # the assignment's bar, on the plain (no TTA) final-epoch test accuracy

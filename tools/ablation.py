@@ -251,6 +251,16 @@ LEVERS = (
         "none",
         recipe={"batch_size": 256, "max_lr": 0.1, "coarse_dropout_p": 0.25},
     ),
+    Variant(  # the speed configuration's candidates: more steps and milder augmentation for a short schedule
+        "batch 256, peak lr 0.1 + CoarseDropout and ShiftScaleRotate p=0.25",
+        "none",
+        recipe={"batch_size": 256, "max_lr": 0.1, "coarse_dropout_p": 0.25, "shift_scale_rotate_p": 0.25},
+    ),
+    Variant(
+        "batch 128, peak lr 0.05 + CoarseDropout p=0.25",
+        "none",
+        recipe={"batch_size": 128, "max_lr": 0.05, "coarse_dropout_p": 0.25},
+    ),
     Variant("C1/C2 inverted residuals at full resolution", "none", network=full_resolution),
     Variant(
         "widths 40-56-96-128, separable C2 shrink",  # 191,810 params, 85.0 M MACs (1.21x)
