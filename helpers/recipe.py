@@ -106,8 +106,18 @@ class Recipe:
 
 
 RECIPE = Recipe()
-# The speed configuration: the recipe on 10 epochs, chosen on the validation split (85.46% there). At 8 epochs five
-# recipes (more steps, milder augmentation) ended at 84.0 to 84.6% on validation, short of 85%: docs/speed.md.
-SPEED_RECIPE = replace(RECIPE, epochs=10)
+# The speed configuration, chosen on the validation split among six 8-epoch recipes (docs/speed.md): a short
+# schedule is won by learning fast, so it takes the three levers that led the 40-epoch runs mid-schedule and then
+# ended level there: twice the steps (batch 256 at the same lr per image), milder augmentation (CoarseDropout and
+# ShiftScaleRotate on a quarter of the images; both still fire), and half the weight decay.
+SPEED_RECIPE = replace(
+    RECIPE,
+    epochs=8,
+    batch_size=256,
+    max_lr=0.1,
+    coarse_dropout_p=0.25,
+    shift_scale_rotate_p=0.25,
+    weight_decay=2.5e-4,
+)
 
 TARGET_ACCURACY = 85.0  # the assignment's bar, on the plain (no TTA) final-epoch test accuracy
