@@ -106,18 +106,8 @@ class Recipe:
 
 
 RECIPE = Recipe()
-# The speed configuration, chosen on the validation split among six 8-epoch recipes (docs/speed.md): a short
-# schedule is won by learning fast, so it takes the three levers that led the 40-epoch runs mid-schedule and then
-# ended level there: twice the steps (batch 256 at the same lr per image), milder augmentation (CoarseDropout and
-# ShiftScaleRotate on a quarter of the images; both still fire), and half the weight decay.
-SPEED_RECIPE = replace(
-    RECIPE,
-    epochs=8,
-    batch_size=256,
-    max_lr=0.1,
-    coarse_dropout_p=0.25,
-    shift_scale_rotate_p=0.25,
-    weight_decay=2.5e-4,
-)
+# The speed configuration: the recipe on 10 epochs, chosen on the validation split (85.46% there). The best of six
+# 8-epoch recipes reached 85.44% on validation and 84.94% / 84.96% on the test set, short of 85%: docs/speed.md.
+SPEED_RECIPE = replace(RECIPE, epochs=10)
 
 TARGET_ACCURACY = 85.0  # the assignment's bar, on the plain (no TTA) final-epoch test accuracy

@@ -6,10 +6,11 @@ from helpers.recipe import RECIPE, SPEED_RECIPE
 from tools import evidence
 
 
-def test_speed_configuration_trains_the_shipped_network_within_every_rule_on_a_shorter_schedule():
-    assert SPEED_RECIPE.epochs < RECIPE.epochs and SPEED_RECIPE.widths == RECIPE.widths
-    assert min(SPEED_RECIPE.flip_p, SPEED_RECIPE.shift_scale_rotate_p, SPEED_RECIPE.coarse_dropout_p) > 0
-    assert SPEED_RECIPE.hole_size == 16  # one 16x16 hole, as the assignment asks
+def test_speed_configuration_is_the_shipped_recipe_on_a_shorter_schedule():
+    assert SPEED_RECIPE.epochs < RECIPE.epochs
+    assert {k: v for k, v in SPEED_RECIPE.record().items() if k != "epochs"} == {
+        k: v for k, v in RECIPE.record().items() if k != "epochs"
+    }
 
 
 def test_quick_evidence_runs_every_step_and_summarizes_three_seeds_each(cifar_root, tmp_path, monkeypatch):
