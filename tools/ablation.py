@@ -32,7 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E
 
 from helpers.backprop import test  # noqa: E402
 from helpers.dataset import cifar10, make_loaders  # noqa: E402
-from helpers.device import precision_policy  # noqa: E402
+from helpers.device import Precision, precision_policy  # noqa: E402
 from helpers.measure import count_parameters, measure  # noqa: E402
 from helpers.model import ConvBNReLU, Net, PatchWhitening, Residual, SeparableConv  # noqa: E402
 from helpers.recipe import RECIPE, Recipe  # noqa: E402
@@ -297,6 +297,11 @@ def run_file(runs: Path, variant: Variant, seed: int, suffix: str) -> Path:
     return runs / f"{slug(variant.name)}-seed{seed}{suffix}"
 
 
+def machine(precision: Precision) -> str:
+    """'CPU: AMD EPYC, 2 cores (bf16 autocast)': what ran a row or a table, with its precision."""
+    return f"{precision.hardware} ({str(precision).split(':')[0]})"
+
+
 def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Path) -> dict[str, Any]:
     """Train one variant for one seed (resuming its checkpoint if there is one) and return its row."""
     recipe = replace(variant.applied_to(base), seed=seed)
@@ -330,14 +335,14 @@ def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Pa
         "test_acc": test(scored, loaders[1], dtype=precision.dtype)[1] if variant.ema else history[-1]["test_acc"],
         "test_acc_tta": test(scored, loaders[1], dtype=precision.dtype, tta=True)[1],
         "last_epoch_test_acc": history[-1]["test_acc"],  # the trained model's own, beside an average's
-        "params": count_parameters(model),
+        "params": network.params,
         "macs": network.macs,
         "receptive_field": network.receptive_field,
         "seconds_per_epoch": statistics.mean(h["train_seconds"] for h in history),
         "epochs": recipe.epochs,
         "train_images": len(data.train_images),
         "test_images": len(data.test_images),
-        "machine": f"{precision.hardware} ({str(precision).split(':')[0]})",
+        "machine": machine(precision),
         "date": time.strftime("%Y-%m-%d"),
     }
     run_file(runs, variant, seed, ".json").write_text(json.dumps(row, indent=2, allow_nan=False) + "\n")
@@ -384,7 +389,7 @@ def cost_table(names: list[str], batch_size: int, steps: int) -> str:
         "# What each network costs",
         "",
         f"Train steps of batch {batch_size}, {steps} per network after a warm-up, timed one after another in one "
-        f"process on {precision_policy().hardware} ({str(precision_policy()).split(':')[0]}), "
+        f"process on {machine(precision_policy())}, "
         f"{time.strftime('%Y-%m-%d')}.",
         "",
         f"| network | parameters | MACs / image | receptive field | train images/s | time per image, x {first} |",
@@ -491,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         data = data.hold_out(a.validation, seed=0)  # one split for every variant and seed
     if a.quick or a.train_images:
         data = data.subsample() if a.quick else data.subsample(train_images=a.train_images, test_images=None)
-    machine = precision_policy().hardware
-    print(f"ablation on {machine}: {len(a.variants)} variants x seeds {a.seeds} -> {out}/", flush=True)
+    print(
+        f"ablation on {precision_policy().hardware}: {len(a.variants)} variants x seeds {a.seeds} -> {out}/", flush=True
+    )
     jobs = [(v, seed) for name, v in BY_NAME.items() if name in a.variants for seed in a.seeds]
     done = [finished_row(run_file(runs, v, seed, ".json"), v, base, data) for v, seed in jobs]
     for (variant, seed), row in zip(jobs, done):
