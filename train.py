@@ -73,6 +73,7 @@ def parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     parser().parse_args()  # bad input and --help are answered here, before torch loads (that takes seconds)
 
+import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from helpers.backprop import DivergedError, epoch_line, test, train  # noqa: E402
@@ -81,9 +82,9 @@ from helpers.dataset import DatasetNotFoundError, cifar10, make_loaders  # noqa:
 from helpers.device import precision_policy  # noqa: E402
 from helpers.measure import layer_table  # noqa: E402
 from helpers.model import Net  # noqa: E402
-from helpers.recipe import RECIPE, SPEED_RECIPE  # noqa: E402
-from helpers.results import accuracy_line, save_plots, write_results  # noqa: E402
-from helpers.utils import per_class_accuracy  # noqa: E402
+from helpers.recipe import RECIPE, SPEED_RECIPE, TARGET_ACCURACY  # noqa: E402
+from helpers.results import accuracy_line, write_results  # noqa: E402
+from helpers.utils import plot_confusion_matrix, plot_gradcam, plot_history  # noqa: E402
 
 
 class SettingsError(ValueError):
@@ -162,15 +163,15 @@ def run(recipe, out: Path, checkpoint: Path, *, quick: bool, workers: int | None
     history = train_epochs(
         model, recipe, train_loader, test_loader, precision=precision, checkpoint=checkpoint, config=config
     )
-    dtype = precision.dtype
-
-    _, _, predictions = test(model, test_loader, dtype=dtype, predictions=True)
-    _, tta_accuracy = test(model, test_loader, dtype=dtype, tta=True)  # flip TTA, beside the plain number
-    per_class = per_class_accuracy(data.test_labels, predictions, classes=data.classes)
-    save_plots(out, model=model, data=data, history=history, predictions=predictions)
-    return write_results(
-        out, model=model, config=config, history=history, tta_accuracy=tta_accuracy, per_class=per_class, source=source
-    )
+    _, _, predictions = test(model, test_loader, dtype=precision.dtype, predictions=True)
+    _, tta_accuracy = test(model, test_loader, dtype=precision.dtype, tta=True)  # flip TTA, beside the plain number
+    for figure in (
+        plot_history(history, target=TARGET_ACCURACY, path=out / "curves.png"),
+        plot_confusion_matrix(data.test_labels, predictions, classes=data.classes, path=out / "confusion_matrix.png"),
+        plot_gradcam(model, data, predictions=predictions, layer=model.c4, path=out / "gradcam.png"),
+    ):
+        plt.close(figure)
+    return write_results(out, model=model, config=config, history=history, tta_accuracy=tta_accuracy, source=source)
 
 
 def main(argv: list[str] | None = None) -> int:

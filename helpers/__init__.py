@@ -1,6 +1,5 @@
-"""Helpers for the S9 notebook, in reading order: recipe (S9's choices), dataset, model (Net), backprop (train,
-test); then device (precision), checkpoint, lr_finder, measure (layer table, receptive field), results, utils
-(plots)."""
+"""The S9 kit, in reading order: recipe, dataset, model, backprop (train, test); then device, checkpoint, lr_finder,
+measure, results, utils (plots)."""
 
 import os
 

@@ -1,10 +1,8 @@
 """`train` and `test`: one epoch of training and one evaluation, the shape the course has used since Session 5.
 
-Each is one self-contained function to copy into any project: the device comes from the model, the loader is
-any loader of normalized float N x C x H x W batches (a torchvision `DataLoader` or this kit's `make_loaders`),
-and precision is one autocast dtype (None: fp32) plus, for fp16 only, a GradScaler, both chosen once by the
-caller (`helpers.device.precision_policy`). The epoch loop around them is written where it runs: S9.ipynb and
-train.py.
+Each is self-contained, to copy into any project: the device comes from the model; the loader yields normalized
+float N x C x H x W batches (torchvision's or `make_loaders`'); precision is an autocast dtype (None: fp32) and,
+for fp16 only, a GradScaler, chosen once by the caller. The epoch loop is written where it runs.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""Save and resume, as nanoGPT does: after every epoch one dict, read back by the same run and refused by any other.
-
-The dict holds the state of each object given (model, optimizer, scheduler, GradScaler), the history of the
-epochs so far and the run's config (the recipe's record and the data sizes). The kit's loaders draw their
-batches from (seed, epoch), so a resumed run goes on bit for bit. A file is written to a temporary name and
-renamed: a crash leaves the old file or the new one, never half of one.
-"""
+"""Save and resume, as nanoGPT does: after every epoch one dict (each object's state, the history, the run's
+config), read back by the same run and refused by any other. The kit's loaders draw their batches from
+(seed, epoch), so a resumed run goes on bit for bit."""
 
 from __future__ import annotations
 

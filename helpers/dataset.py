@@ -1,8 +1,7 @@
 """Image data: CIFAR-10 (or any uint8 image arrays), a validation split, and loaders whose batches arrive ready.
 
-Every loader here yields what torchvision's do, normalized float N x C x H x W (already on the device), so
-`for x, y in loader: model(x)` and tools made for torchvision loaders work unchanged. Inside, images travel
-as uint8 (4x smaller than float32) and the albumentations transforms run in the workers a whole batch at a time.
+The loaders yield what torchvision's do, normalized float N x C x H x W on the device; inside, images travel as
+uint8 (4x smaller than float32) and the albumentations transforms run in the workers a whole batch at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import urllib.error
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import albumentations as A
 import numpy as np
@@ -45,11 +43,10 @@ class DatasetNotFoundError(RuntimeError):
 
 @dataclass
 class ImageData:
-    """A labelled image-classification dataset in memory: what make_loaders takes.
+    """A labelled image-classification dataset in memory (uint8 N x H x W x C images): what make_loaders takes.
 
-    Images are uint8 N x H x W x C arrays; mean/std (0..1 scale, per channel) are computed from the
-    train images when not given. `evaluation` names what the test_* split is: "test", or "validation"
-    for training images held out by `hold_out`.
+    mean/std (0..1, per channel) default to the train images'; `evaluation` names the test_* split: "test", or
+    "validation" for training images held out by `hold_out`.
     """
 
     train_images: np.ndarray
@@ -76,8 +73,7 @@ class ImageData:
         self.mean, self.std = tuple(self.mean), tuple(self.std)
 
     def subsample(self, *, train_images: int | None = 512, test_images: int | None = 256, seed: int = 0) -> ImageData:
-        """A seeded random `train_images` and `test_images` of each split (None: all of it); the defaults are
-        quick mode's, a smoke test of the whole path in a minute, not a result."""
+        """A seeded random part of each split (None: all of it); the defaults are quick mode's smoke test."""
         picked = []
         for images, labels, size in (
             (self.train_images, self.train_labels, train_images),
@@ -88,11 +84,8 @@ class ImageData:
         return ImageData(*picked, self.classes, self.mean, self.std, self.evaluation)
 
     def hold_out(self, size: int, seed: int = 0) -> ImageData:
-        """The same data with a seeded `size` of its training images as the evaluation split, and no test set.
-
-        Choose between recipes on this validation split; score the test set once, for the chosen one. The
-        held-out images never train, and mean/std stay the full training split's (a statistic, not a choice).
-        """
+        """A seeded `size` of the training images as the evaluation split, no test set: choose recipes on it, then
+        score the test set once. mean/std stay the full training split's (a statistic, not a choice)."""
         if not 0 < size < len(self.train_images):
             raise ValueError(f"hold out between 1 and {len(self.train_images) - 1} training images, got {size}")
         order = np.random.default_rng(seed).permutation(len(self.train_images))
@@ -122,11 +115,10 @@ def check_images(images: np.ndarray) -> None:
         or images.ndim != 4
         or images.shape[-1] not in (1, 3)
     ):
-        shape = getattr(images, "shape", None)
         raise ValueError(
-            f"expected uint8 images N x H x W x C with C = 1 or 3, "
-            f"got {getattr(images, 'dtype', type(images))} {shape}; "
-            "add a channel axis to grayscale (images[..., None]) and convert floats with (x * 255).astype(np.uint8)"
+            f"expected uint8 images N x H x W x C with C = 1 or 3, got {getattr(images, 'dtype', type(images))} "
+            f"{getattr(images, 'shape', '')}; add a channel axis to grayscale (images[..., None]) and convert "
+            "floats with (x * 255).astype(np.uint8)"
         )
 
 
@@ -135,27 +127,15 @@ def data_root() -> Path:
     return Path(os.environ.get("CIFAR10_ROOT", "./data"))
 
 
-def _corrupt_files(folder: Path) -> list[str]:
-    """Names of CIFAR-10 files that are present but do not match torchvision's md5 sums."""
-    sums = torchvision.datasets.CIFAR10.train_list + torchvision.datasets.CIFAR10.test_list
-    return [
-        name
-        for name, md5 in sums
-        if (folder / name).exists() and hashlib.md5((folder / name).read_bytes()).hexdigest() != md5
-    ]
-
-
 def _how_to_get_cifar10(root: Path) -> str:
     """What a student on a laptop or on Colab does when the data is missing or broken."""
     return (
-        f"Fix one of:\n"
-        f"  - go online and rerun: it downloads the 170 MB archive once into {root};\n"
-        f"  - or download 'CIFAR-10 python version' (cifar-10-python.tar.gz) from {CIFAR10_PAGE}\n"
-        f"    and unpack it there: mkdir -p {root} && tar -xzf cifar-10-python.tar.gz -C {root}\n"
-        f"    (7-Zip on Windows; this makes {root}/cifar-10-batches-py/);\n"
-        f"  - or point CIFAR10_ROOT at the folder that already holds cifar-10-batches-py/:\n"
-        f"    export CIFAR10_ROOT=/path/to/folder  (Windows: set CIFAR10_ROOT=..., a notebook or Colab:\n"
-        f"    os.environ['CIFAR10_ROOT'] = '/content/drive/MyDrive/data' before the data cell)."
+        f"Fix one of:\n  - go online and rerun: it downloads the 170 MB archive once into {root};\n"
+        f"  - or download 'CIFAR-10 python version' (cifar-10-python.tar.gz) from {CIFAR10_PAGE} and unpack it\n"
+        f"    there (7-Zip on Windows): mkdir -p {root} && tar -xzf cifar-10-python.tar.gz -C {root};\n"
+        f"  - or point CIFAR10_ROOT at the folder that holds cifar-10-batches-py/: export CIFAR10_ROOT=/path\n"
+        f"    (Windows: set CIFAR10_ROOT=...; a notebook or Colab, before the data cell:\n"
+        f"    os.environ['CIFAR10_ROOT'] = '/content/drive/MyDrive/data')."
     )
 
 
@@ -167,7 +147,9 @@ def load_cifar10(train: bool, root: str | Path | None = None) -> torchvision.dat
         # download=True verifies the md5 of a local copy and downloads only when it is missing or corrupt.
         return torchvision.datasets.CIFAR10(root=str(root), train=train, download=True)
     except (urllib.error.URLError, OSError, RuntimeError) as err:
-        corrupt = _corrupt_files(folder)
+        sums = torchvision.datasets.CIFAR10.train_list + torchvision.datasets.CIFAR10.test_list  # (file, md5)
+        files = [(folder / name, md5) for name, md5 in sums]
+        corrupt = [f.name for f, md5 in files if f.exists() and hashlib.md5(f.read_bytes()).hexdigest() != md5]
         if corrupt:
             raise DatasetNotFoundError(
                 f"CIFAR-10 in {folder} is corrupt: {', '.join(corrupt)} failed the md5 check (truncated or "
@@ -189,11 +171,8 @@ def cifar10(root: str | Path | None = None) -> ImageData:
 
 
 def seed_pipeline(transform: A.Compose, seed: int) -> A.Compose:
-    """Draw every transform of the pipeline from ONE generator seeded with `seed`.
-
-    Compose.set_random_seed gives each transform its own generator with the same seed, so the first
-    image's draws agree across transforms (all applied or none); one shared generator decorrelates them.
-    """
+    """Draw every transform from ONE generator seeded with `seed`: Compose.set_random_seed gives each its own
+    generator with the same seed, so the first image's draws agree across transforms (all applied or none)."""
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
     return transform
 
@@ -209,10 +188,8 @@ def _pixel_statistics(
 def normalize(
     images: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
 ) -> torch.Tensor:
-    """uint8 batch N x H x W x C -> float N x C x H x W, normalized on the batch's own device.
-
-    Same numbers as A.Normalize + ToTensorV2, laid out channels_last (what the convolutions prefer).
-    """
+    """uint8 batch N x H x W x C -> float N x C x H x W, normalized on the batch's own device: A.Normalize +
+    ToTensorV2's numbers, laid out channels_last (what the convolutions prefer)."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != len(mean):
         raise ValueError(
             f"normalize expects a uint8 N x H x W x {len(mean)} batch (one mean per channel), "
@@ -222,47 +199,33 @@ def normalize(
     return ((images.float() - m) / s).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
-class SeededBatch(NamedTuple):
-    """A batch of dataset indices and the seed its augmentations are drawn from."""
+class SeededBatchSampler(Sampler[tuple[int, list[int]]]):
+    """Batches (augmentation seed, indices) whose order and seeds depend only on (seed, epoch): reproducible whatever
+    the number of workers, and a resumed run draws exactly the batches an uninterrupted one would have."""
 
-    seed: int
-    indices: list[int]
-
-
-class SeededBatchSampler(Sampler[SeededBatch]):
-    """Shuffled batches whose order and augmentation seeds depend only on (seed, epoch).
-
-    So a run is reproducible whatever the number of workers, and a resumed run draws
-    exactly the batches and augmentations an uninterrupted one would have.
-    """
-
-    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.size, self.batch_size, self.shuffle, self.seed, self.drop_last = size, batch_size, shuffle, seed, drop_last
-        self.epoch = 0
+        self.size, self.batch_size, self.shuffle, self.seed, self.epoch = size, batch_size, shuffle, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order and augmentations the next iteration yields."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        full, rest = divmod(self.size, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
+        return -(-self.size // self.batch_size)  # the last batch may be partial
 
-    def __iter__(self) -> Iterator[SeededBatch]:
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
         seeds = torch.randint(0, 2**31 - 1, (len(self),), generator=generator)
         for b in range(len(self)):
-            yield SeededBatch(int(seeds[b]), order[b * self.batch_size : (b + 1) * self.batch_size].tolist())
+            yield int(seeds[b]), order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
 
 
 class ImageDataset(Dataset):
-    """uint8 images, augmented a whole batch at a time: indexed by a SeededBatch, it returns (images, labels).
-
-    Carries what the loader normalizes with (mean, std) and the class names.
-    """
+    """uint8 images augmented a whole batch at a time: indexed by (seed, indices), it returns (images, labels).
+    Carries what the loader normalizes with (mean, std) and the class names."""
 
     def __init__(
         self,
@@ -282,22 +245,20 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, batch: SeededBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """One uint8 N x H x W x C tensor of the batch's images, augmented with the batch's seed, and its labels."""
-        images = self.images[batch.indices]
+    def __getitem__(self, batch: tuple[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's images as one uint8 N x H x W x C tensor, augmented with the batch's seed, and its labels."""
+        seed, indices = batch
+        images = self.images[indices]
         if self.transform is not None:
-            seed_pipeline(self.transform, batch.seed)
+            seed_pipeline(self.transform, seed)
             images = np.stack([self.transform(image=image)["image"] for image in images])
             images = images[..., None] if images.ndim == 3 else images  # some transforms drop a single channel
-        return torch.from_numpy(images), self.labels[batch.indices]
+        return torch.from_numpy(images), self.labels[indices]
 
 
 class ReadyLoader(DataLoader):
-    """A DataLoader whose batches arrive ready: normalized float N x C x H x W on `device`, as torchvision's do.
-
-    As in airbench, the speed stays inside the loader: workers augment whole uint8 batches (no per-image
-    collate, 4x less to ship than float32), and the normalization runs here, on the device.
-    """
+    """A DataLoader whose batches arrive as torchvision's do, normalized float N x C x H x W, here on `device`. As in
+    airbench, the speed stays inside: workers augment whole uint8 batches, and the device normalizes them."""
 
     def __init__(self, dataset: ImageDataset, sampler: SeededBatchSampler, device: torch.device, num_workers: int):
         super().__init__(
@@ -317,11 +278,8 @@ class ReadyLoader(DataLoader):
 
 
 def default_workers(device: torch.device) -> int:
-    """DataLoader workers per device: on a GPU every core loads, on the CPU one core is left for training.
-
-    On the CPU the main process computes, so a worker per core but one (on 2 cores a second worker was
-    slower, docs/speed.md). On a GPU the main process mostly waits, so every core loads (Colab's T4: 2).
-    """
+    """Loader workers: every core on a GPU, where the main process mostly waits (Colab's T4: 2); one core fewer on
+    the CPU, where the main process computes (on 2 cores a second worker was slower, docs/speed.md)."""
     cores = os.cpu_count() or 2
     return max(1, min(16, cores if device.type == "cuda" else cores - 1))
 
@@ -337,10 +295,8 @@ def make_loaders(
 ) -> tuple[ReadyLoader, ReadyLoader]:
     """Train (augmented, shuffled) and test loaders over `data`, yielding normalized float N x C x H x W on `device`.
 
-    augment: the train transforms, run on uint8 pixels (none by default). The order of batches and every
-    augmentation depend only on (seed, epoch), whatever the number of workers: so a resumed run draws the
-    batches an uninterrupted one would; seed=None takes torch's, so torch.manual_seed(seed) alone fixes them.
-    `cifar10().hold_out(5000)` as `data` makes the second a validation loader.
+    augment: the train transforms, on uint8 pixels. Batches and augmentations depend only on (seed, epoch);
+    seed=None takes torch's. `cifar10().hold_out(5000)` as `data` makes the second a validation loader.
     """
     seed = torch.initial_seed() % 2**31 if seed is None else seed
     workers = default_workers(device) if num_workers is None else num_workers
@@ -351,14 +307,8 @@ def make_loaders(
         (False, data.test_images, data.test_labels),
     ):
         sampler = SeededBatchSampler(len(images), batch_size, shuffle=train, seed=seed)  # refuses a bad batch_size
-        dataset = ImageDataset(
-            images,
-            labels,
-            transform=pipeline if train else None,
-            mean=data.mean,
-            std=data.std,
-            classes=data.classes,
-        )
+        transform = pipeline if train else None
+        dataset = ImageDataset(images, labels, transform=transform, mean=data.mean, std=data.std, classes=data.classes)
         # the evaluation split has no transform: indexing it in the main process is fastest
         loaders.append(ReadyLoader(dataset, sampler, device, workers if train else 0))
     return loaders[0], loaders[1]

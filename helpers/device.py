@@ -1,8 +1,5 @@
-"""Which device trains, and at which precision: one policy per machine, with its reason in words.
-
-T4 is not an A100, and a CPU without bf16 units is not one with them: `precision_policy` is the one
-place that tells them apart (docs/precision.md has the table; a test fakes each row).
-"""
+"""Which device trains, and at which precision: one policy per machine, with its reason in words
+(docs/precision.md has the table; a test fakes each row)."""
 
 from __future__ import annotations
 
@@ -22,9 +19,13 @@ class Precision:
     reason: str
     hardware: str
 
+    @property
+    def name(self) -> str:
+        """'bf16 autocast', 'fp16 autocast + GradScaler' or 'fp32'."""
+        return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}.get(self.dtype, "fp32")
+
     def __str__(self) -> str:
-        name = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}.get(self.dtype, "fp32")
-        return f"{name}: {self.reason}"
+        return f"{self.name}: {self.reason}"
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """A GradScaler for fp16, whose small gradients underflow without loss scaling; None for bf16 and fp32."""
@@ -53,11 +54,8 @@ def _cpu_name() -> str:
 
 
 def precision_policy(device: torch.device | None = None) -> Precision:
-    """The one place that decides device and precision: a CUDA GPU, else an Apple GPU (mps), else the CPU.
-
-    Never asks torch.cuda.is_bf16_supported() (True on a T4, by emulation) or oneDNN's bf16 check
-    (True on plain AVX512 chips, where bf16 is emulated and slower than fp32).
-    """
+    """The one place that decides device and precision: a CUDA GPU, else an Apple GPU (mps), else the CPU. Never asks
+    torch.cuda.is_bf16_supported() (True on a T4, emulated) or oneDNN (True on AVX512 chips that emulate bf16)."""
     if device is None:
         cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
         device = torch.device("cuda" if cuda else "mps" if mps else "cpu")

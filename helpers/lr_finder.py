@@ -1,12 +1,7 @@
-"""Leslie Smith's LR range test, with torch-lr-finder's contract: your model, your optimizer, both restored.
-
-Give it the model and the optimizer you will train with (`torch.optim.Adam(model.parameters())`, as with
-torch-lr-finder). It trains that model with that optimizer while raising the learning rate exponentially
-every batch, records the smoothed loss, and afterwards puts the model, the optimizer and the fp16 GradScaler
-back to their state before the test. Own code rather than torch-lr-finder (which works on this kit's loaders
-too): each batch is one call of `train`, so the sweep runs the training's loss (label smoothing included) at its
-precision.
-"""
+"""Leslie Smith's LR range test with torch-lr-finder's contract: it trains your model with your optimizer at an
+exponentially rising learning rate, records the smoothed loss, then restores the model, optimizer and GradScaler.
+Own code rather than torch-lr-finder (which works on this kit's loaders too): each batch is one call of `train`,
+so the sweep runs the training's loss (label smoothing included) at its precision."""
 
 from __future__ import annotations
 
@@ -42,16 +37,13 @@ class LRRangeTest:
 
     @property
     def steepest(self) -> float:
-        """The lr where the smoothed loss falls fastest (per log-lr step), before its lowest point.
-
-        Past the lowest point the loss climbs and, for classification, often sinks again at absurd rates:
-        that descent is not learning, so it is not searched.
-        """
+        """The lr where the smoothed loss falls fastest (per log-lr step) before its lowest point: past it the loss
+        climbs and often sinks again at absurd rates, which is not learning."""
         lowest = int(np.argmin(self.losses))
         if not self.descends:
             raise ValueError(
                 f"the loss was lowest at step {lowest + 1} of {len(self.losses)} (lr {self.lrs[lowest]:.3g}): it never "
-                "fell, so there is no steepest descent to read. Start lower (start_lr) or sweep more steps"
+                "fell, so there is no steepest descent to read. Start lower (the first of lrs) or sweep more steps"
             )
         slopes = np.gradient(np.array(self.losses[: lowest + 1]), np.log(np.array(self.lrs[: lowest + 1])))
         skip = min(lowest, max(1, len(self.losses) // 10))  # the first steps are noise around the starting loss
@@ -63,11 +55,8 @@ class LRRangeTest:
         return float(self.lrs[int(np.argmin(self.losses))])
 
     def plot(self, *, chosen_lr: float | None = None, path: str | Path | None = None) -> plt.Figure:
-        """Smoothed loss against learning rate (log scale), with the steepest descent, the lowest loss and `chosen_lr`.
-
-        Past the lowest point the loss climbs back to where it started: the network is diverging, and whatever the
-        curve does after that (it can dip again) is noise of a broken network, so the plot stops there.
-        """
+        """Smoothed loss against learning rate (log scale), with the steepest descent, the lowest loss and `chosen_lr`;
+        it stops where the loss climbs back to its start: past that, the network is diverging."""
         fig, ax = plt.subplots(figsize=(7, 4))
         lowest, n, start = int(np.argmin(self.losses)), len(self.losses), self.losses[0]
         end = next((i + 1 for i in range(lowest + 1, n) if self.losses[i] >= start), n)
@@ -100,8 +89,7 @@ def lr_range_test(
 ) -> LRRangeTest:
     """Train `model` with `optimizer` one batch at each of `lrs` (exponentially rising); then restore all three.
 
-    scaler, dtype and label_smoothing: the training's, so the sweep measures the loss training minimizes, as fast.
-    A loader shorter than `lrs` is cycled. Stops early once the smoothed loss exceeds 4x its best (divergence).
+    scaler, dtype and label_smoothing: the training's. Stops once the smoothed loss exceeds 4x its best.
     """
     restored = [obj for obj in (model, optimizer, scaler) if obj is not None]
     saved = copy.deepcopy([obj.state_dict() for obj in restored])

@@ -1,8 +1,5 @@
-"""What a CNN sees and costs: its layer table with receptive fields, multiply-accumulates and parameters.
-
-The tracer follows every tensor the forward pass makes, so residual branches, shortcut convs,
-concatenations and functional pooling are counted as they really run, not as a chain of layers.
-"""
+"""What a CNN sees and costs: its layer table with receptive fields, multiply-accumulates and parameters, traced
+through every tensor the forward pass makes (residual branches, concatenations, functional pooling), not a chain."""
 
 from __future__ import annotations
 
@@ -76,12 +73,9 @@ _GEOMETRY = {
 
 
 class _ReceptiveFieldTracer(TorchFunctionMode):
-    """Follows every tensor forward makes and gives it (receptive field, jump) of its longest path.
-
-    Convolutions and poolings grow the field by dilation * (kernel - 1) * jump and multiply the jump
-    by the stride; every other op (add of a residual branch, concat, BatchNorm, ReLU) takes the
-    largest field among its inputs. So shortcuts, branches and functional pooling are all counted.
-    """
+    """Gives every tensor forward makes the (receptive field, jump) of its longest path: convolutions and poolings
+    grow the field by dilation * (kernel - 1) * jump and multiply the jump by the stride; every other op (a residual
+    add, concat, BatchNorm, ReLU) takes the largest field among its inputs."""
 
     def __init__(self, module_names: list[str]):
         super().__init__()
@@ -116,8 +110,19 @@ class _ReceptiveFieldTracer(TorchFunctionMode):
         return out
 
 
-def _trace(model: nn.Module, input_size: tuple[int, int, int]) -> _ReceptiveFieldTracer:
-    """Run one forward pass of `model` under the tracer, naming every row by the module that ran it."""
+@dataclass
+class Measures:
+    """What one traced forward pass tells of a network."""
+
+    rows: list[RFRow]  # every convolution and pooling that keeps a map (> 1x1), in the order forward runs them
+    receptive_field: int  # of one unit of the last spatial map, before GAP: the number the assignment asks > 44
+    macs: int  # multiply-accumulates per image of every convolution and linear layer: what the hardware pays
+    params: int  # every weight, frozen ones included: the number the assignment caps at 200,000
+
+
+def measure(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> Measures:
+    """Trace one forward pass, naming each row by the module that ran it; a pooling down to 1x1 (global average
+    pooling) sees the whole map and gets no row."""
     stack: list[str] = []
     hooks = []
     for name, m in model.named_modules():
@@ -134,25 +139,6 @@ def _trace(model: nn.Module, input_size: tuple[int, int, int]) -> _ReceptiveFiel
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return tracer
-
-
-@dataclass
-class Measures:
-    """What one traced forward pass tells of a network."""
-
-    rows: list[RFRow]  # every convolution and pooling that keeps a map (> 1x1), in the order forward runs them
-    receptive_field: int  # of one unit of the last spatial map, before GAP: the number the assignment asks > 44
-    macs: int  # multiply-accumulates per image of every convolution and linear layer: what the hardware pays
-    params: int  # every weight, frozen ones included: the number the assignment caps at 200,000
-
-
-def measure(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> Measures:
-    """Trace one forward pass: each row's field is that of the longest path into it (rf_out = rf_in + dilation *
-    (kernel - 1) * jump_in, jump_out = jump_in * stride), so residual branches and shortcut convs are followed,
-    not chained. A pooling down to 1x1 (global average pooling) sees the whole map and gets no row.
-    """
-    tracer = _trace(model, input_size)
     rows = [row for row in tracer.rows if row.size_out > 1]
     return Measures(rows, tracer.last_map_rf, tracer.macs, count_parameters(model))
 

@@ -1,9 +1,8 @@
 """The S9 network: C1 C2 C3 C4 then the output, no pooling but the global average, no stride.
 
-C1 opens with a frozen 2x2 patch-whitening convolution (32 -> 31), as airbench does: the first learned layer
-then reads decorrelated, unit-variance input, and the network learns faster (docs/ablation.md). Each of C1..C3
-ends in a 3x3 convolution with dilation 4 and no padding: it looks 9 pixels across and cuts 8 pixels off the
-map (31 -> 23 -> 15 -> 7), doing a strided convolution's job without skipping any pixel.
+C1 opens with airbench's frozen 2x2 patch whitening (32 -> 31): the first learned layer reads decorrelated input
+and learns faster (docs/ablation.md). C1..C3 each end in a 3x3 convolution of dilation 4 without padding: it
+looks 9 pixels across and cuts 8 off the map (31 -> 23 -> 15 -> 7), a stride's job without skipping a pixel.
 """
 
 from __future__ import annotations
@@ -20,11 +19,8 @@ MIN_SIZE = 26  # the whitening takes 1 pixel and three shrinking convolutions 8 
 
 
 class PatchWhitening(nn.Conv2d):
-    """A frozen 2x2 convolution that decorrelates pixel patches: each of the 12 principal directions of the data's
-    2x2 patches scaled to unit variance, and its negative (the ReLU after it keeps both halves): 24 outputs.
-
-    Its 288 weights never train and count toward the parameter limit. No padding: 32 -> 31 without a stride.
-    """
+    """A frozen 2x2 convolution that decorrelates pixel patches: the 12 principal directions of the data's 2x2
+    patches at unit variance, and their negatives (the ReLU after it keeps both halves). 288 weights, all counted."""
 
     def __init__(self, eps: float = 5e-4):
         super().__init__(3, 24, 2, bias=False)
@@ -81,9 +77,7 @@ class Residual(nn.Module):
 
 class Net(nn.Module):
     """C1 C2 C3 C4 O for CIFAR-10 (3 x 32 x 32 in, 10 class scores out); `widths` are the channels of C1..C4.
-
-    Call `fit_whitening(images)` once before training: until then C1's frozen first layer is random.
-    """
+    Call `fit_whitening(data)` once before training: until then C1's frozen first layer is random."""
 
     def __init__(self, widths: Sequence[int] = WIDTHS, num_classes: int = 10):
         super().__init__()

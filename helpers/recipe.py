@@ -1,8 +1,6 @@
 """The S9 recipe in one place: every number that decides a run, each with its reason, and the objects built from it.
 
-The library (dataset, backprop, lr_finder) defaults to PyTorch's plain behaviour; `train.py`, the notebook and
-`tools.ablation` pass these choices to it explicitly, and build the optimizer and schedule with one call each.
-metrics.json and the checkpoint record `recipe.record()`, so a result can be rerun from its own record. Change a
+The library defaults to PyTorch's plain behaviour; train.py and the notebook pass these choices explicitly. Change a
 field with `dataclasses.replace(RECIPE, epochs=24)`.
 """
 

@@ -1,8 +1,5 @@
-"""The record of a finished run: metrics.json, the weights, training_logs.md and the pictures.
-
-Written by the notebook and by train.py alike, so both leave the same evidence. metrics.json holds the whole
-recipe, so a result can be rerun from its record.
-"""
+"""The record of a finished run, the same from the notebook and train.py: metrics.json (the whole recipe too, so a
+result can be rerun from its record), the weights and training_logs.md."""
 
 from __future__ import annotations
 
@@ -11,13 +8,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 
-from . import utils
 from .checkpoint import check_finite, write_atomically
-from .dataset import ImageData
 from .device import precision_policy
 from .measure import measure
 from .recipe import TARGET_ACCURACY
@@ -42,15 +36,13 @@ def write_results(
     config: dict[str, Any],
     history: list[dict[str, float]],
     tta_accuracy: float,
-    per_class: dict[str, float],
     source: str,
 ) -> dict[str, Any]:
     """Save folder/metrics.json, folder/s9_net.pt and folder/training_logs.md; return the metrics.
 
-    config: the checkpoint's (the recipe's record, the data sizes, quick). The machine, torch and the network's
-    measures are read here, so a run records them without carrying them.
+    config: the checkpoint's. The machine and the network's measures are read here: a run need not carry them.
     """
-    metrics = run_metrics(model, history, tta_accuracy=tta_accuracy, per_class=per_class)
+    metrics = run_metrics(model, history, tta_accuracy=tta_accuracy)
     metrics |= {"source": source, "config": config, "history": history}
     folder = Path(folder)
     text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"  # NaN is not JSON: refuse rather than write it
@@ -62,9 +54,7 @@ def write_results(
     return metrics
 
 
-def run_metrics(
-    model: nn.Module, history: list[dict[str, float]], *, tta_accuracy: float, per_class: dict[str, float]
-) -> dict[str, Any]:
+def run_metrics(model: nn.Module, history: list[dict[str, float]], *, tta_accuracy: float) -> dict[str, Any]:
     """The final numbers, the network's measures and the machine that ran it, read from the model itself."""
     epoch_85, seconds_85 = time_to_target(history)
     precision, network = precision_policy(next(model.parameters()).device), measure(model)
@@ -81,7 +71,6 @@ def run_metrics(
         "seconds_to_85": seconds_85,
         "total_train_seconds": sum(h["train_seconds"] for h in history),
         "total_seconds": sum(h["seconds"] for h in history),
-        "per_class_acc": per_class,
         "device": precision.hardware,
         "precision": str(precision),
         "torch": torch.__version__,
@@ -129,16 +118,3 @@ def training_log(m: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def save_plots(folder: str | Path, *, model: nn.Module, data: ImageData, history: list, predictions) -> None:
-    """train.py's pictures of a run: curves, confusion matrix with per-class accuracy, GradCAM of mistakes."""
-    folder = Path(folder)
-    for fig in (
-        utils.plot_history(history, target=TARGET_ACCURACY, path=folder / "curves.png"),
-        utils.plot_confusion_matrix(
-            data.test_labels, predictions, classes=data.classes, path=folder / "confusion_matrix.png"
-        ),
-        utils.plot_gradcam(model, data, predictions=predictions, layer=model.c4, path=folder / "gradcam.png"),
-    ):
-        plt.close(fig)

@@ -1,7 +1,4 @@
-"""Pictures for the notebook and the logs: augmentations, curves, GradCAM of mistakes, confusion matrix.
-
-Every plot takes the class names (CIFAR-10's by default) and says only what the caller's run is.
-"""
+"""Pictures of a run: augmentations, curves, GradCAM of mistakes, confusion matrix; each says only what it is given."""
 
 from __future__ import annotations
 
@@ -27,18 +24,12 @@ def save(fig: plt.Figure, path: str | Path | None) -> plt.Figure:
     return fig
 
 
-def _grid(count: int, columns: int, cell: float = 1.5) -> tuple[plt.Figure, np.ndarray]:
-    rows = -(-count // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * cell, rows * (cell + 0.25)), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    return fig, axes
-
-
-def _show(ax: plt.Axes, image: np.ndarray) -> None:
+def _show(ax: plt.Axes, image: np.ndarray, title: str, **style) -> None:
     """imshow for uint8 H x W x C images, grayscale (C = 1) included; nearest: crisp pixels, small PNGs."""
     gray = image.shape[-1] == 1
     ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None, interpolation="nearest")
+    ax.set_title(title, fontsize=9, **style)
+    ax.axis("off")
 
 
 def _names(labels: Sequence[int], classes: Sequence[str]) -> list[str]:
@@ -65,15 +56,13 @@ def plot_augmentations(
     pipeline = augment if isinstance(augment, A.BaseCompose) else A.Compose(list(augment))
     if seed is not None:
         seed_pipeline(pipeline, seed)
-    fig, axes = _grid(count * (draws + 1), draws + 1)
+    fig, axes = plt.subplots(count, draws + 1, figsize=((draws + 1) * 1.5, count * 1.75), squeeze=False)
     for row, (image, name) in enumerate(
         zip(data.train_images[:count], _names(data.train_labels[:count], data.classes))
     ):
-        _show(axes[row, 0], image)
-        axes[row, 0].set_title(name, fontsize=9, fontweight="bold")
+        _show(axes[row, 0], image, name, fontweight="bold")
         for col in range(1, draws + 1):
-            _show(axes[row, col], pipeline(image=image)["image"])
-            axes[row, col].set_title(f"draw {col}", fontsize=9)
+            _show(axes[row, col], pipeline(image=image)["image"], f"draw {col}")
     fig.suptitle(
         "Training images (left) and the train augmentations: "
         + ", ".join(type(t).__name__ for t in pipeline.transforms)
@@ -114,11 +103,8 @@ def gradcam(
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
 ) -> np.ndarray:
-    """GradCAM heatmaps (N x H x W, 0..1) of `targets` classes at `layer`, with the grad-cam package, in fp32.
-
-    Runs on an fp32, eval-mode copy of the model (grad-cam fails under bf16), so the caller's model keeps
-    its dtype, mode and device.
-    """
+    """GradCAM heatmaps (N x H x W, 0..1) of `targets` classes at `layer`, with the grad-cam package; on an fp32,
+    eval-mode copy of the model (grad-cam fails under bf16), so the caller's keeps its dtype, mode and device."""
     from pytorch_grad_cam import GradCAM  # noqa: PLC0415 - heavy (scikit-learn); only this function needs it
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: PLC0415
 
@@ -152,9 +138,8 @@ def plot_gradcam(
     count: int = 10,
     path: str | Path | None = None,
 ) -> plt.Figure:
-    """The first `count` misclassified test images, each beside the GradCAM of the class said: where the network
-    looked when wrong. With no mistakes, a figure that says so (and no GradCAM).
-    """
+    """The first `count` misclassified test images, each beside the GradCAM of the class it said: where the network
+    looked when wrong. With no mistakes, a figure that says so."""
     from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: PLC0415
 
     images, labels, wrong = data.test_images, data.test_labels, misclassified(data.test_labels, predictions, count)
@@ -170,13 +155,10 @@ def plot_gradcam(
     for ax in axes.flat:
         ax.axis("off")
     for k, (i, heatmap) in enumerate(zip(wrong, heatmaps)):
-        image, (true, pred) = images[i], _names([labels[i], predictions[i]], data.classes)
-        picture, cam = axes[k // 2, 3 * (k % 2)], axes[k // 2, 3 * (k % 2) + 1]
-        _show(picture, image)
-        picture.set_title(f"true: {true}", fontsize=9)
+        image, (true, said) = images[i], _names([labels[i], predictions[i]], data.classes)
         rgb = np.repeat(image, 3, -1) if image.shape[-1] == 1 else image
-        cam.imshow(show_cam_on_image(rgb / 255.0, heatmap, use_rgb=True), interpolation="nearest")
-        cam.set_title(f"said: {pred}", fontsize=9)
+        _show(axes[k // 2, 3 * (k % 2)], image, f"true: {true}")
+        _show(axes[k // 2, 3 * (k % 2) + 1], show_cam_on_image(rgb / 255.0, heatmap, use_rgb=True), f"said: {said}")
     scale = plt.cm.ScalarMappable(cmap="jet", norm=plt.Normalize(0, 1))  # show_cam_on_image's colours
     fig.colorbar(
         scale, ax=axes, orientation="horizontal", fraction=0.04, pad=0.03, label="how much a region drove what it said"
@@ -195,14 +177,6 @@ def confusion_matrix(
     return np.bincount(labels * n + predictions, minlength=n * n).reshape(n, n)
 
 
-def per_class_accuracy(
-    labels: Sequence[int], predictions: torch.Tensor, *, classes: Sequence[str] = CLASSES
-) -> dict[str, float]:
-    """Accuracy % of each class: the average hides which classes are still hard."""
-    matrix = confusion_matrix(labels, predictions, classes=classes)
-    return {name: 100 * matrix[i, i] / max(1, matrix[i].sum()) for i, name in enumerate(classes)}
-
-
 def plot_confusion_matrix(
     labels: Sequence[int],
     predictions: torch.Tensor,
@@ -210,18 +184,19 @@ def plot_confusion_matrix(
     classes: Sequence[str] = CLASSES,
     path: str | Path | None = None,
 ) -> plt.Figure:
-    """Which classes are mistaken for which; each row is named with its class's accuracy, the hard ones first to see."""
-    accuracy = per_class_accuracy(labels, predictions, classes=classes)
+    """Which classes are mistaken for which; each row is named with its class's accuracy, which the average hides."""
+    matrix = confusion_matrix(labels, predictions, classes=classes)
+    accuracy = 100 * matrix.diagonal() / matrix.sum(1).clip(min=1)
     size = min(20, 4 + 0.45 * len(classes))
     fig, ax = plt.subplots(figsize=(size, size * 0.8))
     sns.heatmap(
-        confusion_matrix(labels, predictions, classes=classes),
+        matrix,
         annot=len(classes) <= 20,  # numbers in the cells while they fit
         fmt="d",
         cmap="Blues",
         cbar=len(classes) > 20,
         xticklabels=classes,
-        yticklabels=[f"{name} {accuracy[name]:.1f}%" for name in classes],
+        yticklabels=[f"{name} {a:.1f}%" for name, a in zip(classes, accuracy)],
         ax=ax,
     )
     ax.set(xlabel="predicted", ylabel="true (and its accuracy)", title="Confusion matrix, test set")

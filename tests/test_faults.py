@@ -106,7 +106,7 @@ def test_metrics_json_is_never_written_with_nan(tmp_path):
         }
     ]
     with pytest.raises(ValueError, match="JSON"):
-        write_results(tmp_path, model=Net(), config={}, history=history, tta_accuracy=10.0, per_class={}, source="t")
+        write_results(tmp_path, model=Net(), config={}, history=history, tta_accuracy=10.0, source="t")
     assert not (tmp_path / "metrics.json").exists()
 
 

@@ -51,7 +51,7 @@ def test_torch_lr_finder_runs_on_the_kits_loader_and_net(loader):
 def test_a_loss_that_never_falls_has_no_steepest_descent_and_says_so():
     rising = LRRangeTest(lrs=[1e-3, 1e-2, 1e-1, 1.0], losses=[2.0, 2.1, 2.5, 4.0])
     assert rising.minimum == 1e-3
-    with pytest.raises(ValueError, match="lowest at step 1 of 4.*never fell.*start_lr"):
+    with pytest.raises(ValueError, match="lowest at step 1 of 4.*never fell.*first of lrs"):
         _ = rising.steepest
 
 

@@ -299,7 +299,7 @@ def run_file(runs: Path, variant: Variant, seed: int, suffix: str) -> Path:
 
 def machine(precision: Precision) -> str:
     """'CPU: AMD EPYC, 2 cores (bf16 autocast)': what ran a row or a table, with its precision."""
-    return f"{precision.hardware} ({str(precision).split(':')[0]})"
+    return f"{precision.hardware} ({precision.name})"
 
 
 def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Path) -> dict[str, Any]:
