@@ -9,6 +9,7 @@ and s9_net.pt (a state_dict that Net() loads). The same command, run again, resu
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import shlex
 import shutil
@@ -48,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     """Every option; a recipe's own numbers are the defaults of --epochs, --batch-size, --lr and --seed."""
     p = argparse.ArgumentParser(
         prog="python3 train.py",
+        allow_abbrev=False,  # --epoch is a typo, not --epochs
         description=__doc__.splitlines()[0],
         epilog="Data: CIFAR-10 is read from $CIFAR10_ROOT (default ./data; it must hold cifar-10-batches-py/) "
         "and downloaded there once when online. The notebook's quick switch is S9_QUICK=1; here it is --quick.",
@@ -57,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_whole_number(1), help="images per step (default: the recipe's)")
     p.add_argument("--lr", type=_learning_rate, help="peak learning rate of the one-cycle (default: the recipe's)")
     p.add_argument(
-        "--seed", type=_whole_number(0), help="seeds python, numpy, torch and the loaders (default: the recipe's)"
+        "--seed", type=_whole_number(0), help="seeds the first weights and the loaders (default: the recipe's)"
     )
     p.add_argument("--quick", action="store_true", help="512 train / 256 test images, 1 epoch: the path in a minute")
     p.add_argument(
@@ -70,8 +72,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def settings(argv: list[str]) -> tuple[argparse.Namespace, Path, Path]:
+    """The options, the results folder and the checkpoint: every check that needs no torch, answered at once
+    (exit 2, as argparse's own refusals), so a folder that cannot be written fails now and not after the run."""
+    p = parser()
+    a, unknown = p.parse_known_args(argv)
+    if unknown:  # argparse's own refusal, with the option the typo meant
+        close = difflib.get_close_matches(unknown[0].split("=")[0], p._option_string_actions, n=1)
+        p.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {close[0]}?" if close else ""))
+    out = Path(a.out or ("Results/quick" if a.quick else "Results"))
+    checkpoint = Path(a.checkpoint or out / CHECKPOINT_NAME)
+    for folder in dict.fromkeys((out, checkpoint.parent)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            print(f"error: cannot write to {folder.resolve()} ({err.strerror}); choose another folder", file=sys.stderr)
+            raise SystemExit(2) from err
+    return a, out, checkpoint
+
+
 if __name__ == "__main__":
-    parser().parse_args()  # bad input and --help are answered here, before torch loads (that takes seconds)
+    settings(sys.argv[1:])  # bad input and --help are answered here, before torch loads (that takes seconds)
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
@@ -80,39 +103,19 @@ from helpers.backprop import DivergedError, epoch_line, test, train  # noqa: E40
 from helpers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from helpers.dataset import DatasetNotFoundError, cifar10, make_loaders  # noqa: E402
 from helpers.device import precision_policy  # noqa: E402
-from helpers.measure import layer_table  # noqa: E402
+from helpers.measure import layer_table, rules_report  # noqa: E402
 from helpers.model import Net  # noqa: E402
 from helpers.recipe import RECIPE, SPEED_RECIPE, TARGET_ACCURACY  # noqa: E402
 from helpers.results import accuracy_line, write_results  # noqa: E402
 from helpers.utils import plot_confusion_matrix, plot_gradcam, plot_history  # noqa: E402
 
 
-class SettingsError(ValueError):
-    """An output location that would fail the run later: refused before any work starts."""
-
-
-def check_writable(*folders: Path) -> None:
-    """Prove each folder can be created and written to, before any long work starts."""
-    for folder in dict.fromkeys(folders):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder):
-                pass
-        except OSError as err:
-            raise SettingsError(
-                f"cannot write to {folder.resolve()} ({type(err).__name__}: {err.strerror}); choose another folder"
-            ) from err
-
-
-def train_epochs(model, recipe, train_loader, test_loader, *, precision, checkpoint, config, **more_states):
-    """The epoch loop: resume or start, then each epoch train, test, print and checkpoint; returns the history.
-
-    more_states: other objects with a state_dict that the checkpoint must carry (tools.ablation's weight average).
-    """
+def train_epochs(model, recipe, train_loader, test_loader, *, precision, checkpoint, config):
+    """The epoch loop: resume or start, then each epoch train, test, print and checkpoint; returns the history."""
     dtype, scaler = precision.dtype, precision.grad_scaler()  # a GradScaler for fp16 only
     optimizer = recipe.optimizer(model)
     schedule = recipe.schedule(optimizer, steps_per_epoch=len(train_loader))
-    states = {"model": model, "optimizer": optimizer, "scheduler": schedule, "scaler": scaler, **more_states}
+    states = {"model": model, "optimizer": optimizer, "scheduler": schedule, "scaler": scaler}
     history = load_checkpoint(checkpoint, config=config, **states)
     for h in history:
         print(epoch_line(h, recipe.epochs, config["evaluated_on"]) + "  (restored)")
@@ -133,6 +136,7 @@ def train_epochs(model, recipe, train_loader, test_loader, *, precision, checkpo
         history.append(
             {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss}
             | {"test_acc": test_acc, "train_seconds": train_seconds, "seconds": time.perf_counter() - start}
+            | {"machine": precision.machine}  # a run resumed on another machine says where each epoch ran
         )
         print(epoch_line(history[-1], recipe.epochs, config["evaluated_on"]), flush=True)
         save_checkpoint(checkpoint, config=config, history=history, **states)
@@ -158,7 +162,7 @@ def run(recipe, out: Path, checkpoint: Path, *, quick: bool, workers: int | None
     )
     model = Net(recipe.widths).fit_whitening(data)  # the frozen first layer, from train images
     model.to(precision.device, memory_format=torch.channels_last)  # the layout the convolutions prefer
-    print(f"on {precision.hardware}; precision: {precision}\n{layer_table(model)}")
+    print(f"on {precision.hardware}; precision: {precision}\n{layer_table(model)}\n{rules_report(model)}")
     config = recipe.run_config(data, quick=quick)
     history = train_epochs(
         model, recipe, train_loader, test_loader, precision=precision, checkpoint=checkpoint, config=config
@@ -166,7 +170,9 @@ def run(recipe, out: Path, checkpoint: Path, *, quick: bool, workers: int | None
     _, _, predictions = test(model, test_loader, dtype=precision.dtype, predictions=True)
     _, tta_accuracy = test(model, test_loader, dtype=precision.dtype, tta=True)  # flip TTA, beside the plain number
     for figure in (
-        plot_history(history, target=TARGET_ACCURACY, path=out / "curves.png"),
+        plot_history(
+            history, target=TARGET_ACCURACY, train_loss_floor=recipe.train_loss_floor(), path=out / "curves.png"
+        ),
         plot_confusion_matrix(data.test_labels, predictions, classes=data.classes, path=out / "confusion_matrix.png"),
         plot_gradcam(model, data, predictions=predictions, layer=model.c4, path=out / "gradcam.png"),
     ):
@@ -177,7 +183,7 @@ def run(recipe, out: Path, checkpoint: Path, *, quick: bool, workers: int | None
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: library errors become one message and exit code 2, Ctrl-C says how to resume."""
     argv = sys.argv[1:] if argv is None else argv
-    a = parser().parse_args(argv)
+    a, out, checkpoint = settings(argv)
     base = SPEED_RECIPE if a.recipe == "speed" else RECIPE
     chosen = {
         "epochs": a.epochs or (1 if a.quick else None),
@@ -186,14 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         "seed": a.seed,
     }
     recipe = replace(base, **{k: v for k, v in chosen.items() if v is not None})  # the chosen recipe's defaults
-    out = Path(a.out or ("Results/quick" if a.quick else "Results"))
-    checkpoint = Path(a.checkpoint or out / CHECKPOINT_NAME)
     try:
-        check_writable(out, checkpoint.parent)
         m = run(
             recipe, out, checkpoint, quick=a.quick, workers=a.workers, source="python3 train.py " + shlex.join(argv)
         )
-    except (DatasetNotFoundError, CheckpointError, DivergedError, SettingsError) as err:
+    except (DatasetNotFoundError, CheckpointError, DivergedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,8 +1,8 @@
 """`train` and `test`: one epoch of training and one evaluation, the shape the course has used since Session 5.
 
-Each is self-contained, to copy into any project: the device comes from the model; the loader yields normalized
-float N x C x H x W batches (torchvision's or `make_loaders`'); precision is an autocast dtype (None: fp32) and,
-for fp16 only, a GradScaler, chosen once by the caller. The epoch loop is written where it runs.
+This file is the unit to copy into any project: it needs torch only. The device comes from the model; the loader
+yields normalized float N x C x H x W batches (torchvision's or `make_loaders`'); precision is an autocast dtype
+(None: fp32) and, for fp16 only, a GradScaler, chosen once by the caller. The epoch loop is written where it runs.
 """
 
 from __future__ import annotations
@@ -18,9 +18,20 @@ class DivergedError(RuntimeError):
     """The training loss became NaN or infinite, or fp16 loss scaling collapsed: nothing after it is worth saving."""
 
 
+# The schedulers PyTorch steps after every batch; the others (StepLR, CosineAnnealingLR, ...) count epochs.
+PER_BATCH_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
+
+
 def train(model, loader, optimizer, *, scheduler=None, scaler=None, dtype=None, label_smoothing=0.0):
     """One epoch of training; returns (mean loss, accuracy %). A scheduler steps after every batch it updated."""
+    if scheduler is not None and not isinstance(scheduler, PER_BATCH_SCHEDULERS):
+        raise TypeError(
+            f"train steps its scheduler after every batch, as OneCycleLR and CyclicLR expect; "
+            f"{type(scheduler).__name__} counts epochs. Leave it out of train(...) and step it yourself after each "
+            "epoch: scheduler.step(), or scheduler.step(test_loss) for ReduceLROnPlateau."
+        )
     device = next(model.parameters()).device
+    scale = None if scaler is None else scaler.get_scale()  # fp16: the loss scale, read once per step below
     model.train()
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0  # no sync per batch
     for x, y in loader:
@@ -34,17 +45,17 @@ def train(model, loader, optimizer, *, scheduler=None, scaler=None, dtype=None, 
             optimizer.step()
             stepped = True
         else:  # fp16: scale the loss so small gradients survive; an overflow skips the step and lowers the scale
-            scale = scaler.get_scale()
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            stepped = scaler.get_scale() >= scale
+            previous, scale = scale, scaler.get_scale()  # one host sync per step
+            stepped = scale >= previous  # the scale drops exactly when the step was skipped
         if scheduler is not None and stepped:
             scheduler.step()  # a step fp16 skipped does not advance the schedule
         loss_sum += loss.detach().float() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-    if not torch.isfinite(loss_sum) or (scaler is not None and scaler.get_scale() < 1e-4):
+    if not torch.isfinite(loss_sum) or (scale is not None and scale < 1e-4):
         raise DivergedError(
             f"the training loss became NaN or infinite, or fp16 skipped (nearly) every step, at lr "
             f"{optimizer.param_groups[0]['lr']:.3g}; nothing from this epoch was saved. Try a lower learning rate."

@@ -6,6 +6,7 @@ uint8 (4x smaller than float32) and the albumentations transforms run in the wor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -143,13 +144,20 @@ def load_cifar10(train: bool, root: str | Path | None = None) -> torchvision.dat
     """The raw split (uint8 `.data` N x 32 x 32 x 3, `.targets`) from `root`/cifar-10-batches-py; downloads once."""
     root = Path(root) if root is not None else data_root()
     folder = root.resolve() / "cifar-10-batches-py"
+    missing = [p for p in (root, *root.parents) if not p.exists()]  # folders a failed download must not leave behind
     try:
         # download=True verifies the md5 of a local copy and downloads only when it is missing or corrupt.
         return torchvision.datasets.CIFAR10(root=str(root), train=train, download=True)
     except (urllib.error.URLError, OSError, RuntimeError) as err:
+        for empty in missing:  # deepest first; rmdir removes a folder only while it is empty
+            with contextlib.suppress(OSError):
+                empty.rmdir()
         sums = torchvision.datasets.CIFAR10.train_list + torchvision.datasets.CIFAR10.test_list  # (file, md5)
-        files = [(folder / name, md5) for name, md5 in sums]
-        corrupt = [f.name for f, md5 in files if f.exists() and hashlib.md5(f.read_bytes()).hexdigest() != md5]
+        corrupt = [
+            name
+            for name, md5 in sums
+            if (folder / name).exists() and hashlib.md5((folder / name).read_bytes()).hexdigest() != md5
+        ]
         if corrupt:
             raise DatasetNotFoundError(
                 f"CIFAR-10 in {folder} is corrupt: {', '.join(corrupt)} failed the md5 check (truncated or "

@@ -24,6 +24,11 @@ class Precision:
         """'bf16 autocast', 'fp16 autocast + GradScaler' or 'fp32'."""
         return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}.get(self.dtype, "fp32")
 
+    @property
+    def machine(self) -> str:
+        """'CPU: AMD EPYC, 2 cores (bf16 autocast)': what ran an epoch, as logs and records name it."""
+        return f"{self.hardware} ({self.name})"
+
     def __str__(self) -> str:
         return f"{self.name}: {self.reason}"
 

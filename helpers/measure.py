@@ -16,6 +16,9 @@ class RFRow:
     """One convolution or pooling of the receptive-field table, in the assignment's notation."""
 
     layer: str
+    op: str  # "conv2d", "max_pool2d", "adaptive_avg_pool2d", ...
+    c_in: int
+    c_out: int
     kernel: int
     dilation: int
     stride: int
@@ -99,9 +102,13 @@ class _ReceptiveFieldTracer(TorchFunctionMode):
             kernel, dilation, stride, padding, groups, params = _GEOMETRY[name](*args, **kwargs)
             rf_in, jump_in = self.fields.get(id(x), (1, 1))
             rf, jump = rf_in + dilation * (kernel - 1) * jump_in, jump_in * stride
-            layer = self.module_names[-1] if self.module_names else f"F.{name}"
             geometry = (kernel, dilation, stride, padding, groups, params, x.shape[-1], y.shape[-1])
-            self.rows.append(RFRow(layer, *geometry, rf_in, rf, jump_in, jump))
+            self.rows.append(RFRow(self.layer(name), name, x.shape[1], y.shape[1], *geometry, rf_in, rf, jump_in, jump))
+        if name == "linear":  # a row of the head after the last map: a 1x1 "kernel" on a 1x1 map
+            (c_out, c_in), params = args[1].shape, sum(t.numel() for t in _tensors(args[1:]))
+            self.rows.append(
+                RFRow(self.layer(name), name, c_in, c_out, 1, 1, 1, 0, 1, params, 1, 1, rf, rf, jump, jump)
+            )
         for t in _tensors(out):
             self.fields[id(t)] = (rf, jump)
             self.keep.append(t)
@@ -109,12 +116,17 @@ class _ReceptiveFieldTracer(TorchFunctionMode):
                 self.last_map_rf = rf  # the last spatial feature map forward produces
         return out
 
+    def layer(self, op: str) -> str:
+        """The name of the module running now: the row's name in the table."""
+        return self.module_names[-1] if self.module_names else f"F.{op}"
+
 
 @dataclass
 class Measures:
     """What one traced forward pass tells of a network."""
 
     rows: list[RFRow]  # every convolution and pooling that keeps a map (> 1x1), in the order forward runs them
+    head: list[RFRow]  # what runs after the last map: global pooling, then linear or 1x1 layers
     receptive_field: int  # of one unit of the last spatial map, before GAP: the number the assignment asks > 44
     macs: int  # multiply-accumulates per image of every convolution and linear layer: what the hardware pays
     params: int  # every weight, frozen ones included: the number the assignment caps at 200,000
@@ -139,8 +151,9 @@ def measure(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) ->
         model.train(was_training)
         for h in hooks:
             h.remove()
-    rows = [row for row in tracer.rows if row.size_out > 1]
-    return Measures(rows, tracer.last_map_rf, tracer.macs, count_parameters(model))
+    last_map = max((i for i, row in enumerate(tracer.rows) if row.size_out > 1), default=-1)
+    rows = [row for row in tracer.rows[: last_map + 1] if row.size_out > 1]
+    return Measures(rows, tracer.rows[last_map + 1 :], tracer.last_map_rf, tracer.macs, count_parameters(model))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -149,16 +162,18 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def layer_table(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> str:
-    """The network on one screen: a line per convolution (kernel, dilation, groups > 1: depthwise, stride, padding,
-    map in -> out, receptive field and jump in -> out, weights), then its receptive field, parameters and cost."""
+    """The network on one screen: a line per convolution (channels, kernel, dilation, groups > 1: depthwise, stride,
+    padding, map in -> out, receptive field and jump in -> out, weights), then its receptive field, parameters and
+    cost."""
     m = measure(model, input_size)
-    head = f"{'layer':<14}{'k':>3}{'d':>3}{'g':>5}{'s':>3}{'p':>3}{'map':>9}{'rf':>9}{'jump':>7}{'params':>9}"
+    head = f"{'layer':<14}{'channels':>10}{'k':>3}{'d':>3}{'g':>5}{'s':>3}{'p':>3}"
+    head += f"{'map':>9}{'rf':>9}{'jump':>7}{'params':>9}"
     lines = [head, "-" * len(head)]
     for r in m.rows:
         lines.append(
-            f"{r.layer:<14}{r.kernel:>3}{r.dilation:>3}{r.groups:>5}{r.stride:>3}{r.padding:>3}"
-            f"{f'{r.size_in}->{r.size_out}':>9}{f'{r.rf_in}->{r.rf_out}':>9}{f'{r.jump_in}->{r.jump_out}':>7}"
-            f"{r.params:>9,}"
+            f"{r.layer:<14}{f'{r.c_in}->{r.c_out}':>10}{r.kernel:>3}{r.dilation:>3}{r.groups:>5}{r.stride:>3}"
+            f"{r.padding:>3}{f'{r.size_in}->{r.size_out}':>9}{f'{r.rf_in}->{r.rf_out}':>9}"
+            f"{f'{r.jump_in}->{r.jump_out}':>7}{r.params:>9,}"
         )
     growth = [r.rf_out - r.rf_in for r in m.rows if r.rf_out > r.rf_in]
     if 1 + sum(growth) == m.receptive_field:  # one path through every row: the field is the sum of its steps
@@ -168,3 +183,61 @@ def layer_table(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)
     lines.append(f"parameters: {m.params:,} (BatchNorm's and frozen ones included)")
     lines.append(f"multiply-accumulates per image: {m.macs / 1e6:.1f} M")
     return "\n".join(lines)
+
+
+MAX_PARAMETERS, MIN_RECEPTIVE_FIELD = 200_000, 44  # the S9 assignment's limits: < 200,000 and > 44
+
+
+@dataclass
+class Rule:
+    """One rule of the S9 assignment, its value read off the traced network, and whether the network keeps it."""
+
+    rule: str
+    value: str
+    passed: bool
+
+
+def s9_rules(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> list[Rule]:
+    """The assignment's architecture rules, each checked on one traced forward pass of `model`."""
+    m = measure(model, input_size)
+    convs = [r for r in m.rows if r.op == "conv2d"]
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    shrinking = [r for r in m.rows if "max" in r.op or r.stride > 1] + [r for r in m.head if "max" in r.op]
+    pooled = [f"{r.layer} ({r.op}, stride {r.stride})" for r in shrinking]  # the global average pool may stride
+    depthwise = [
+        a.layer for a, b in zip(convs, convs[1:]) if a.groups == a.c_in > 1 and b.kernel == 1 and b.c_in == a.c_out
+    ]
+    dilated = [f"{r.layer} d={r.dilation}" for r in convs if r.dilation > 1]
+    pool, *layers = m.head or [None]
+    gap = pool is not None and pool.op in ("adaptive_avg_pool2d", "avg_pool2d") and pool.size_out == 1 and layers
+    head = [
+        f"{r.op} "
+        + (f"{r.size_in}x{r.size_in} -> 1x1" if "pool" in r.op else f"{r.c_in} -> {r.c_out}")
+        + f" ({r.layer})"
+        for r in m.head
+    ]
+    return [
+        Rule(
+            f"parameters < {MAX_PARAMETERS:,}, frozen ones counted",
+            f"{m.params:,} ({frozen:,} frozen)",
+            m.params < MAX_PARAMETERS,
+        ),
+        Rule(
+            f"receptive field > {MIN_RECEPTIVE_FIELD}", str(m.receptive_field), m.receptive_field > MIN_RECEPTIVE_FIELD
+        ),
+        Rule("no MaxPooling, no stride > 1 (the bonus)", ", ".join(pooled) or "every stride is 1", not pooled),
+        Rule(
+            "a depthwise-separable convolution",
+            f"{len(depthwise)} depthwise, each then a 1x1: " + ", ".join(depthwise) if depthwise else "none",
+            bool(depthwise),
+        ),
+        Rule("a dilated convolution", f"{len(dilated)}: " + ", ".join(dilated) if dilated else "none", bool(dilated)),
+        Rule("global average pooling, then a layer to the classes", ", then ".join(head) or "none", bool(gap)),
+    ]
+
+
+def rules_report(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> str:
+    """The assignment's rules under the layer table, one line each: pass or FAIL, the rule, its value here."""
+    rules = s9_rules(model, input_size)
+    width = max(len(r.rule) for r in rules)
+    return "\n".join(f"{'pass' if r.passed else 'FAIL'}  {r.rule:<{width}}  {r.value}" for r in rules)

@@ -6,6 +6,7 @@ field with `dataclasses.replace(RECIPE, epochs=24)`.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -25,14 +26,14 @@ class Recipe:
     """Everything that decides an S9 training run (the machine's choices live in device.precision_policy)."""
 
     # the schedule
-    epochs: int = 40  # the most the accuracy target allows; still underfitting there (train accuracy < validation)
+    epochs: int = 60  # chosen on the validation split: 90.38% there, against 89.86% at 40 (Results/runs.md)
     batch_size: int = 512  # ~100 steps per epoch: enough updates, and a batch that keeps a GPU busy
     max_lr: float = 0.2  # one-cycle peak for batch 512; the notebook's LR range test shows where it sits
     warmup_fraction: float = 0.25  # linear warm-up from max_lr/10 over this share of the steps, then linear to ~0
     momentum: float = 0.9  # Nesterov SGD, the standard for residual CIFAR nets
     weight_decay: float = 5e-4  # on conv and linear weights only: decaying BatchNorm scales just fights BN
     label_smoothing: float = 0.1  # keeps the logits modest, so a one-cycle run calibrates and generalises better
-    seed: int = 0  # python, numpy, torch, and through them batch order and augmentations
+    seed: int = 0  # torch's, for the first weights; the loaders draw batch order and augmentations from it
     # the network
     widths: tuple[int, int, int, int] = WIDTHS  # C1..C4 channels, the network's own (model.py): under 200k
     # the augmentations (uint8 pixel space, before normalization)
@@ -79,6 +80,12 @@ class Recipe:
                 p=self.coarse_dropout_p,
             ),
         ]
+
+    def train_loss_floor(self, classes: int = 10) -> float:
+        """The lowest training loss label smoothing allows: the entropy of its soft target (0.50 for 0.1 over 10
+        classes). The plain test loss has no such floor, so it can lie below the training loss all run long."""
+        true, other = 1 - self.label_smoothing + self.label_smoothing / classes, self.label_smoothing / classes
+        return -(true * math.log(true) + (classes - 1) * other * math.log(other)) if other else 0.0
 
     def optimizer(self, model: nn.Module) -> torch.optim.SGD:
         """Nesterov SGD over the trainable weights (Net's frozen whitening stays as fitted); BatchNorm's undecayed."""

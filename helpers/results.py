@@ -29,6 +29,18 @@ def time_to_target(history: list[dict[str, float]], target: float = TARGET_ACCUR
     return None, None
 
 
+def where_trained(history: list[dict], here: str) -> str:
+    """'epochs 1-20 on A; 21-60 on B': the machine of each stretch of epochs (an epoch that names none ran `here`)."""
+    spans: list[list] = []  # [first epoch, last epoch, machine]
+    for h in history:
+        machine = h.get("machine", here)
+        if spans and spans[-1][2] == machine:
+            spans[-1][1] = h["epoch"]
+        else:
+            spans.append([h["epoch"], h["epoch"], machine])
+    return "; ".join(f"epochs {a}-{b} on {m}" if a != b else f"epoch {a} on {m}" for a, b, m in spans)
+
+
 def write_results(
     folder: str | Path,
     *,
@@ -73,6 +85,7 @@ def run_metrics(model: nn.Module, history: list[dict[str, float]], *, tta_accura
         "total_seconds": sum(h["seconds"] for h in history),
         "device": precision.hardware,
         "precision": str(precision),
+        "trained_on": where_trained(history, precision.machine),
         "torch": torch.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -92,7 +105,8 @@ def training_log(m: dict[str, Any]) -> str:
     lines = [
         "# Training log",
         "",
-        f"{kind}: `{m['source']}`, {m['date']}, on {m['device']} ({m['precision']}), torch {m['torch']}.",
+        f"{kind}: `{m['source']}`, {m['date']}, torch {m['torch']}; {m['trained_on']}; scored on {m['device']} "
+        f"({m['precision']}).",
         "",
         f"Recipe: {c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}, batch {c['batch_size']}, "
         f"one-cycle peak lr {c['max_lr']} "

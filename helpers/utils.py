@@ -71,14 +71,23 @@ def plot_augmentations(
 
 
 def plot_history(
-    history: Sequence[dict[str, float]], *, target: float | None = None, path: str | Path | None = None
+    history: Sequence[dict[str, float]],
+    *,
+    target: float | None = None,
+    train_loss_floor: float | None = None,
+    path: str | Path | None = None,
 ) -> plt.Figure:
-    """Loss and accuracy per epoch, train beside test (the gap shows over- or under-fitting); `target` draws a bar."""
+    """Loss and accuracy per epoch, train beside test (the gap shows over- or under-fitting); `target` draws a bar.
+
+    The train loss is the loss optimized, on augmented images: with label smoothing it cannot fall below
+    `train_loss_floor`, drawn as a line, so it may sit above the plain test loss all along."""
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for split, style in (("train", "-o"), ("test", "-s")):
         loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split, markersize=3)
         acc_ax.plot(epochs, [h[f"{split}_acc"] for h in history], style, label=split, markersize=3)
+    if train_loss_floor is not None:
+        loss_ax.axhline(train_loss_floor, color="tab:blue", linestyle=":", label="train loss floor (label smoothing)")
     loss_ax.set(title="Loss (train: the loss optimized, on augmented images)", xlabel="epoch", ylabel="cross-entropy")
     acc_ax.set(title=f"Accuracy (final test {history[-1]['test_acc']:.2f}%)", xlabel="epoch", ylabel="%")
     if target is not None:

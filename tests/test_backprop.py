@@ -1,6 +1,11 @@
 """Training: it learns, it resumes bit for bit, it never looks at the test set, checkpoints are safe, flip TTA."""
 
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import albumentations as A
 import numpy as np
@@ -77,12 +82,14 @@ def test_weight_decay_skips_batchnorm_and_biases_and_the_frozen_whitening():
 
 
 def test_training_lowers_the_loss_and_records_every_field(data):
-    _, history = _run(data, epochs=4)
+    _, history = _run(data, epochs=4, recipe=replace(RECIPE, max_lr=0.05))  # a peak 16 steps on 256 images take
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert set(history[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"} | {
         "train_seconds",
         "seconds",
+        "machine",
     }
+    assert history[0]["machine"] == FP32.machine
 
 
 def test_the_test_set_never_changes_training(data, cifar):
@@ -143,7 +150,7 @@ def test_a_model_with_nan_weights_is_never_saved(tmp_path):
 def test_corrupt_checkpoint_gets_a_clear_error(data, tmp_path):
     path = tmp_path / "bad.pt"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(C.CheckpointError, match="not a readable checkpoint.*delete it"):
+    with pytest.raises(C.CheckpointError, match="not a readable checkpoint.*another path"):
         _run(data, epochs=2, checkpoint=path)
 
 
@@ -151,13 +158,15 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(data, cifar,
     path = tmp_path / "run.pt"
     _run(data, epochs=2, checkpoint=path)
     monkeypatch.setattr(script, "train", lambda *a, **k: pytest.fail("trained before refusing"))
-    with pytest.raises(C.CheckpointError, match=r"another run \(it differs in: epochs\)"):
+    with pytest.raises(
+        C.CheckpointError, match=r"2 finished epochs of another run; it differs in\n  epochs: 2 then, 3 now"
+    ):
         _run(data, epochs=3, checkpoint=path)
-    with pytest.raises(C.CheckpointError, match="differs in: coarse_dropout_p, weight_decay"):
+    with pytest.raises(C.CheckpointError, match=r"in\n  coarse_dropout_p: 0.5 then, 0.25 now\n  weight_decay: "):
         _run(data, epochs=2, checkpoint=path, recipe=replace(RECIPE, coarse_dropout_p=0.25, weight_decay=1e-3))
-    with pytest.raises(C.CheckpointError, match="differs in: train_images"):
+    with pytest.raises(C.CheckpointError, match=r"in\n  train_images: 256 then, 192 now\n[^ ]"):
         _run(cifar.subsample(train_images=192, test_images=128), epochs=2, checkpoint=path)
-    with pytest.raises(C.CheckpointError, match="differs in: widths"):
+    with pytest.raises(C.CheckpointError, match=r"network: Net: 193,898 parameters .* then, Net: 74,890 parameters"):
         _run(data, epochs=2, checkpoint=path, recipe=replace(RECIPE, widths=(16, 32, 64, 64)))
 
 
@@ -227,3 +236,40 @@ def test_the_kits_loader_yields_torchvisions_batches_ready_for_a_plain_loop(data
     model = Net().eval()
     with torch.no_grad():
         assert all(model(x).shape == (len(y), 10) for x, y in test_loader)  # nothing to convert
+
+
+@pytest.mark.parametrize(
+    "make", [lambda o: torch.optim.lr_scheduler.StepLR(o, 10), lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o)]
+)
+def test_an_epoch_wise_scheduler_is_refused_before_any_step_with_what_to_do(make):
+    net = Net((8, 8, 16, 16))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = [p.clone() for p in net.parameters()]
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+    with pytest.raises(TypeError, match=r"counts epochs.*step it yourself after each epoch: scheduler.step\(\)"):
+        B.train(net, batches, optimizer, scheduler=make(optimizer))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_backprop_py_copied_alone_trains_a_torchvision_resnet18(tmp_path):
+    shutil.copy(Path(B.__file__), tmp_path / "backprop.py")  # the one file a student lifts into S10 or S11
+    script = """
+import torch, torchvision
+from backprop import test, train
+torch.manual_seed(0)
+x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+model = torchvision.models.resnet18(num_classes=10)
+adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+one_cycle = torch.optim.lr_scheduler.OneCycleLR(adam, max_lr=1e-3, total_steps=2 * len(batches))
+first, _ = train(model, batches, adam, scheduler=one_cycle)
+second, _ = train(model, batches, adam, scheduler=one_cycle)
+loss, accuracy, predicted = test(model, batches, tta=True, predictions=True)
+print(first, second, accuracy, predicted.shape[0])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    first, second, accuracy, count = out.stdout.split()
+    assert float(second) < float(first) and 0 <= float(accuracy) <= 100 and count == "32"
+    assert not list(tmp_path.glob("helpers*")), "nothing else of the kit was needed"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from helpers.measure import count_parameters, measure
+from helpers.measure import measure
 from helpers.model import Net
 from helpers.recipe import RECIPE, SPEED_RECIPE
 from helpers.results import time_to_target
@@ -102,18 +102,9 @@ def test_quick_ablation_writes_its_table_and_resumes_only_what_is_missing(cifar_
     assert (tmp_path / "ablation.md").read_text().count("\n| ") == table.count("\n| ")
     row = tmp_path / "runs" / "shipped-seed0.json"
     row.write_text(json.dumps(json.loads(row.read_text()) | {"params": 187_562}))  # the network before the whitening
-    with pytest.raises(SystemExit, match="another configuration \\(it differs in: params\\)"):
+    with pytest.raises(SystemExit, match="another configuration \\(it differs in: params\\): pass another --out"):
         ablation.main(args)
     assert trained == ["no CoarseDropout"]  # refused before training anything
-
-
-def test_cost_only_times_each_network_against_the_first_without_loading_data(tmp_path, monkeypatch):
-    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "nowhere"))  # no data: nothing trains
-    name = "C1/C2 inverted residuals at full resolution"
-    assert ablation.main(["--cost-only", "--quick", "--out", str(tmp_path), "--variants", "shipped", name]) == 0
-    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in (tmp_path / "cost.md").read_text().splitlines()}
-    assert rows["shipped"][1] == f"{count_parameters(Net()):,}" and rows["shipped"][-1] == "1.00 |"
-    assert rows[name][1] == f"{count_parameters(ablation.BY_NAME[name].net()):,}" and float(rows[name][-1][:-2]) > 0
 
 
 def test_every_ablation_variant_changes_the_shipped_net_or_recipe_in_the_one_way_its_name_says():
@@ -134,39 +125,3 @@ def test_every_ablation_variant_changes_the_shipped_net_or_recipe_in_the_one_way
     assert measure(nets["no patch whitening"]).receptive_field == measure(nets["shipped"]).receptive_field - 1
     x = torch.randn(2, 3, 32, 32)
     assert all(net.eval()(x).shape == (2, 10) for net in nets.values())
-
-
-def test_every_lever_keeps_the_assignment_so_it_could_ship():
-    for lever in ablation.LEVERS:
-        recipe, model = lever.applied_to(RECIPE), lever.net()
-        assert count_parameters(model) < 200_000 and measure(model).receptive_field > 44, lever.name
-        assert min(recipe.flip_p, recipe.shift_scale_rotate_p, recipe.coarse_dropout_p) > 0, lever.name
-        assert recipe.hole_size == 16 and lever.breaks == "none", lever.name
-
-
-def test_zero_init_residuals_starts_every_block_as_the_identity_and_its_branch_still_learns():
-    net = ablation.BY_NAME["zero-init residuals"].net().train()
-    blocks = [m for m in net.modules() if isinstance(m, ablation.Residual)]
-    x = torch.randn(4, blocks[0].f[0][0].in_channels, 31, 31)
-    assert torch.equal(blocks[0](x), x)  # the branch adds exactly nothing at first
-    net(torch.randn(4, 3, 32, 32)).sum().backward()
-    last_scales = [b.f[-1][-1].weight for b in blocks]
-    assert all(isinstance(b.f[-1][-1], torch.nn.BatchNorm2d) for b in blocks)
-    assert all(w.grad.abs().sum() > 0 for w in last_scales), "a zero scale behind a ReLU never trains"
-
-
-def test_an_ema_variant_keeps_its_average_in_the_checkpoint_and_resumes_it_bit_for_bit(
-    cifar, tmp_path, killed_in_epoch
-):
-    data = cifar.subsample(train_images=128, test_images=64)
-    variant = ablation.BY_NAME["EMA 0.995"]
-    base = dataclasses.replace(RECIPE, epochs=3, batch_size=64)
-    straight = ablation.train_variant(variant, base, 0, data, tmp_path / "a")
-    undo = killed_in_epoch(train, 3)
-    with pytest.raises(KeyboardInterrupt):
-        ablation.train_variant(variant, base, 0, data, tmp_path / "b")
-    saved = torch.load(ablation.run_file(tmp_path / "b", variant, 0, ".pt"), weights_only=True)
-    assert saved["ema"]["n_averaged"] == 2 * 2  # two epochs of two steps, averaged
-    undo()
-    resumed = ablation.train_variant(variant, base, 0, data, tmp_path / "b")
-    assert resumed["test_acc"] == straight["test_acc"] and resumed["test_acc_tta"] == straight["test_acc_tta"]

@@ -16,7 +16,7 @@ import train
 from helpers import backprop as B
 from helpers import dataset as ds
 from helpers.checkpoint import CheckpointError, load_checkpoint
-from helpers.model import Net
+from helpers.model import ConvBNReLU, Net
 from helpers.recipe import RECIPE
 from helpers.results import write_results
 
@@ -51,6 +51,7 @@ def cli(cifar_root, monkeypatch):
         (["--epochs", "2.5"], "--epochs: must be a whole number >= 1, got '2.5'"),
         (["--batch-size", "0"], "--batch-size: must be a whole number >= 1"),
         (["--workers", "-1"], "--workers: must be a whole number >= 0, got '-1'"),
+        (["--epoch", "3"], "unrecognized arguments: --epoch 3; did you mean --epochs\\?"),
     ],
 )
 def test_bad_settings_are_refused_before_any_data_is_loaded(flags, complaint, no_data_loading, capsys):
@@ -75,11 +76,15 @@ def test_divergence_stops_training_and_writes_nothing(cli, tmp_path, capsys):
     )
 
 
-def test_bad_settings_are_answered_before_torch_is_imported(tmp_path):
+@pytest.mark.parametrize(
+    "flags, complaint",
+    [(["--epochs", "0"], "--epochs: must be a whole number >= 1, got '0'"), (["--out", "/proc/s9"], "cannot write to")],
+)
+def test_bad_settings_are_answered_before_torch_is_imported(flags, complaint):
     out = subprocess.run(
-        [sys.executable, "-X", "importtime", "train.py", "--epochs", "0"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-X", "importtime", "train.py", *flags], cwd=ROOT, capture_output=True, text=True
     )
-    assert out.returncode == 2 and "--epochs: must be a whole number >= 1, got '0'" in out.stderr
+    assert out.returncode == 2 and complaint in out.stderr
     imported = [line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
     assert "argparse" in imported and not [name for name in imported if name.split(".")[0] == "torch"]
 
@@ -90,6 +95,13 @@ def test_a_huge_learning_rate_stops_training_naming_the_lr(small):
     with pytest.raises(B.DivergedError, match=r"NaN or infinite.*at lr 1e\+06.*lower learning rate"):
         for _ in range(2):  # BatchNorm holds out for an epoch at most
             B.train(net, small()[0], optimizer)
+
+
+def test_a_failed_download_leaves_no_empty_folder_behind(tmp_path, offline):
+    root = tmp_path / "new" / "data"
+    with pytest.raises(ds.DatasetNotFoundError, match="could not be downloaded"):
+        ds.load_cifar10(False, root)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_metrics_json_is_never_written_with_nan(tmp_path):
@@ -129,33 +141,74 @@ def _unwritable(tmp_path):
 
 def test_an_unwritable_results_folder_is_refused_before_training(cli, tmp_path, capsys, no_data_loading):
     out = _unwritable(tmp_path)
-    assert cli(QUICK + ["--out", str(out)]) == 2
-    assert f"cannot write to {out}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli(QUICK + ["--out", str(out)])
+    assert exit_.value.code == 2 and f"cannot write to {out}" in capsys.readouterr().err
 
 
 def test_an_unwritable_checkpoint_folder_is_refused_before_training(cli, tmp_path, capsys, no_data_loading):
     checkpoint = _unwritable(tmp_path) / "run.pt"
-    assert cli(QUICK + ["--out", str(tmp_path / "out"), "--checkpoint", str(checkpoint)]) == 2
-    assert f"cannot write to {checkpoint.parent}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli(QUICK + ["--out", str(tmp_path / "out"), "--checkpoint", str(checkpoint)])
+    assert exit_.value.code == 2 and f"cannot write to {checkpoint.parent}" in capsys.readouterr().err
 
 
-def test_resuming_with_another_seed_is_refused(cli, tmp_path, capsys):
+def _refused(err: str, *differences: str) -> bool:
+    """One message, no traceback: what differs, then and now, and a new checkpoint path as the way on; the
+    finished epochs are never to be deleted."""
+    return (
+        all(d in err for d in differences)
+        and "--checkpoint NEW.pt" in err
+        and "delete" not in err.lower()
+        and "Traceback" not in err
+    )
+
+
+def test_resuming_with_another_setting_is_refused_without_losing_the_checkpoint(cli, tmp_path, capsys):
     checkpoint = tmp_path / "kept.pt"  # a checkpoint named by the user is kept after the run
     assert cli(QUICK + ["--out", str(tmp_path / "a"), "--checkpoint", str(checkpoint)]) == 0
+    kept = checkpoint.read_bytes()
     assert cli(QUICK + ["--out", str(tmp_path / "b"), "--checkpoint", str(checkpoint), "--seed", "1"]) == 2
+    assert cli(QUICK + ["--out", str(tmp_path / "b"), "--checkpoint", str(checkpoint), "--epochs", "3"]) == 2
     err = capsys.readouterr().err
-    assert "belongs to another run" in err and "seed" in err and "Traceback" not in err
+    assert _refused(err, "seed: 0 then, 1 now", "epochs: 1 then, 3 now") and checkpoint.read_bytes() == kept
+
+
+class OneLayerMore(Net):
+    """A student's edit: one more ConvBNReLU in C2, before its shrinking convolution."""
+
+    def __init__(self, widths=RECIPE.widths, num_classes=10):
+        super().__init__(widths, num_classes)
+        self.c2 = torch.nn.Sequential(self.c2[0], ConvBNReLU(widths[1], widths[1]), self.c2[1])
+
+
+@pytest.mark.parametrize(
+    "edit, differences",
+    [
+        ({"Net": OneLayerMore}, ["network: Net: 193,898 parameters in 31 layers", "214,730 parameters in 33 layers"]),
+        ({"RECIPE": replace(RECIPE, widths=(40, 48, 96, 128))}, ["widths: [32, 48, 96, 128] then", "209,498"]),
+    ],
+)
+def test_an_edited_network_is_refused_its_old_checkpoint_before_anything_loads(
+    cli, tmp_path, capsys, monkeypatch, edit, differences
+):
+    checkpoint = tmp_path / "kept.pt"
+    assert cli(QUICK + ["--out", str(tmp_path / "a"), "--checkpoint", str(checkpoint)]) == 0
+    for name, value in edit.items():
+        monkeypatch.setattr(train, name, value)
+    assert cli(QUICK + ["--out", str(tmp_path / "b"), "--checkpoint", str(checkpoint)]) == 2
+    assert _refused(capsys.readouterr().err, *differences)
 
 
 @pytest.mark.parametrize("content", [torch.zeros(3), {"model": {}, "epoch": 1}, Net().state_dict()])
 def test_foreign_files_passed_as_checkpoints_are_refused_with_what_to_do(cli, tmp_path, capsys, content):
-    path, complaint = tmp_path / "foreign.pt", "is not a checkpoint of a training run (a weights file?); delete it"
+    path, complaint = tmp_path / "foreign.pt", "is not a checkpoint of a training run (a weights file?)"
     torch.save(content, path)
     with pytest.raises(CheckpointError, match=re.escape(complaint)):
-        load_checkpoint(path, config={})
+        load_checkpoint(path, config={}, model=Net())
     assert cli(QUICK + ["--out", str(tmp_path / "out"), "--checkpoint", str(path)]) == 2
     err = capsys.readouterr().err
-    assert complaint in err and "Traceback" not in err and err.count("\n") <= 2
+    assert complaint in err and _refused(err) and err.count("\n") <= 2
 
 
 def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(cli, tmp_path, capsys, killed_in_epoch):

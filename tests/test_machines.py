@@ -151,7 +151,7 @@ def test_fp16_steps_skipped_for_overflow_do_not_advance_the_schedule_or_warn(sma
     )
     # a scale of 2**40 overflows fp16 gradients: the first steps are skipped, each one dividing the scale by 256
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch's "lr_scheduler.step() before optimizer.step()" would fail here
+        warnings.simplefilter("error", UserWarning)  # torch's "lr_scheduler.step() before optimizer.step()"
         lrs, scheduler = _fp16_epochs(small, init_scale=2.0**40, backoff_factor=2.0**-8)
     assert 8 <= len(steps_taken) < 12, "of 3 epochs x 4 batches, the first steps were skipped"
     assert scheduler.last_epoch == len(steps_taken), "the schedule counts only the steps taken"

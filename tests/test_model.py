@@ -136,3 +136,74 @@ def test_macs_counter_matches_hand_count():
     )
     expected = 32 * 32 * 8 * 3 * 9 + 32 * 32 * 8 * 1 * 9 + 8 * 32 * 32 * 10
     assert RF.measure(toy).macs == expected
+
+
+SMALL = (16, 24, 48, 64)  # widths that leave room under 200k for a dense or undilated edit
+
+
+def _replace(net: nn.Module, kind: type, make) -> nn.Module:
+    """Every submodule of `kind` replaced by make(submodule)."""
+    for name, module in [(n, m) for n, m in net.named_modules() if type(m) is kind]:
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent), child, make(module))
+    return net
+
+
+def _dense(net: nn.Module) -> nn.Module:
+    """Each depthwise-separable convolution as a dense 3x3 of the same geometry."""
+    return _replace(
+        net,
+        M.SeparableConv,
+        lambda s: M.ConvBNReLU(s[0].in_channels, s[1].out_channels, *s[0].dilation[:1], s[0].padding[0]),
+    )
+
+
+def _undilated(net: nn.Module) -> nn.Module:
+    """Each dilated kernel as an undilated one of the same span: the same maps and receptive field, no dilation."""
+
+    def make(c: nn.Conv2d) -> nn.Module:
+        if c.dilation[0] == 1:
+            return c
+        span = c.dilation[0] * (c.kernel_size[0] - 1) + 1
+        return nn.Conv2d(c.in_channels, c.out_channels, span, padding=c.padding[0], groups=c.groups, bias=False)
+
+    return _replace(net, nn.Conv2d, make)
+
+
+def _max_pooled_c3(net: nn.Module) -> nn.Module:
+    """C3 shrinks by a 3x3 and a 2x2 max pool (15 -> 7) instead of its dilated kernel."""
+    net.c3[1] = nn.Sequential(M.SeparableConv(96, 128), nn.MaxPool2d(2))
+    return net
+
+
+def _undilated_c4(net: nn.Module) -> nn.Module:
+    net.c4[0] = M.Residual(M.SeparableConv(128, 128), M.SeparableConv(128, 128))
+    return net
+
+
+def _flattened_head(net: nn.Module) -> nn.Module:
+    net.output = nn.Sequential(nn.Flatten(), nn.Linear(SMALL[3] * 7 * 7, 10))
+    return net
+
+
+def test_the_shipped_network_keeps_every_rule():
+    rules = RF.s9_rules(M.Net())
+    assert all(r.passed for r in rules) and len(rules) == 6
+    assert rules[0].value.startswith("193,898 (288 frozen)") and rules[1].value == "48"
+
+
+@pytest.mark.parametrize(
+    "edit, broken",
+    [
+        (lambda: M.Net((40, 48, 96, 128)), 0),  # 209,498 parameters
+        (lambda: _undilated_c4(M.Net()), 1),  # receptive field 44
+        (lambda: _max_pooled_c3(M.Net()), 2),
+        (lambda: _dense(M.Net(SMALL)), 3),
+        (lambda: _undilated(M.Net(SMALL)), 4),
+        (lambda: _flattened_head(M.Net(SMALL)), 5),
+    ],
+)
+def test_a_network_that_breaks_one_rule_fails_exactly_that_rule(edit, broken):
+    rules = RF.s9_rules(edit())
+    assert [r.passed for r in rules] == [i != broken for i in range(len(rules))], RF.rules_report(edit())
+    assert "FAIL  " + rules[broken].rule in RF.rules_report(edit())

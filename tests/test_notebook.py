@@ -55,7 +55,7 @@ def test_an_interrupted_notebook_run_resumes_to_bit_identical_weights(cifar_root
 def test_a_checkpoint_of_another_recipe_is_refused_by_the_notebook(cifar_root, tmp_path):
     checkpoint = str(tmp_path / "run.pt")
     _run_training_path({"EPOCHS": 1, "RESULTS": str(tmp_path / "a"), "CHECKPOINT": checkpoint})
-    with pytest.raises(Exception, match="belongs to another run.*seed"):
+    with pytest.raises(Exception, match="another run; it differs in\n  seed: 0 then, 1 now"):
         _run_training_path({"EPOCHS": 1, "SEED": 1, "RESULTS": str(tmp_path / "b"), "CHECKPOINT": checkpoint})
 
 

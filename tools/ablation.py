@@ -26,13 +26,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
 
 from helpers.backprop import test  # noqa: E402
 from helpers.dataset import cifar10, make_loaders  # noqa: E402
-from helpers.device import Precision, precision_policy  # noqa: E402
+from helpers.device import precision_policy  # noqa: E402
 from helpers.measure import count_parameters, measure  # noqa: E402
 from helpers.model import ConvBNReLU, Net, PatchWhitening, Residual, SeparableConv  # noqa: E402
 from helpers.recipe import RECIPE, Recipe  # noqa: E402
@@ -83,108 +80,6 @@ def without_residuals(net: Net) -> Net:
     return rebuild(net, [n for n, m in net.named_modules() if isinstance(m, Residual)], lambda r: r.f)
 
 
-def inverted_residual(c: int, expand: int = 2, kernel: int = 5) -> Residual:
-    """MobileNetV2's block: 1x1 up to expand * c, a large depthwise kernel, 1x1 back down; most weights are 1x1."""
-    e = expand * c
-    return Residual(
-        *(nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.ReLU(inplace=True)),
-        *(nn.Conv2d(e, e, kernel, padding=kernel // 2, groups=e, bias=False), nn.BatchNorm2d(e), nn.ReLU(inplace=True)),
-        *(nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c)),
-    )
-
-
-def full_resolution(net: Net) -> Net:
-    """The anchors' way to spend (xvel/cifar10-tiniest): C1 and C2 as inverted residuals, 48 and 64 channels wide.
-
-    Compute moves to the 32x32 and 24x24 maps and weights into 1x1 convolutions; C3, C4 and every rule stay.
-    """
-    net.c1 = nn.Sequential(
-        ConvBNReLU(3, 48), inverted_residual(48), inverted_residual(48), SeparableConv(48, 64, dilation=4, padding=0)
-    )
-    net.c2 = nn.Sequential(inverted_residual(64), inverted_residual(64), SeparableConv(64, 96, dilation=4, padding=0))
-    return net
-
-
-def separable_c2_shrink(net: Net) -> Net:
-    """C2's dilated shrinking convolution (41k dense weights at the shipped widths) becomes depthwise-separable:
-    the weights it frees widen C1 and C2 (the recipe's widths), where dense convolutions on large maps are what a
-    CPU computes fastest."""
-    c_in, c_out, dilation = geometry(net.c2[1])
-    net.c2[1] = SeparableConv(c_in, c_out, dilation=dilation, padding=0)
-    return net
-
-
-class SqueezeExcite(nn.Module):
-    """Scale each channel by a gate read from the whole map's average (SENet): global context for ~c^2/8 weights."""
-
-    def __init__(self, c: int, reduction: int = 16):
-        super().__init__()
-        self.gate = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(c, c // reduction, 1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c // reduction, c, 1),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gate(x)
-
-
-def late_width_se(net: Net) -> Net:
-    """Design A: C2's shrink depthwise-separable, and the ~35k weights it frees spent on C3/C4 (the recipe's widths,
-    128 and 144) with squeeze-excitation closing their residual blocks; maps stay 31 -> 23 -> 15 -> 7."""
-    net = separable_c2_shrink(net)
-    for block in (net.c3[0], net.c4[0]):
-        block.f.append(SqueezeExcite(geometry(block.f[0])[1]))
-    return net
-
-
-class MixedKernelBlock(nn.Module):
-    """x + scale * f(x), cifar10-tiniest's block: a quarter of the channels each through a depthwise 3x3, 5x5 and
-    3x3 of twice the dilation (the rest pass as they are), BatchNorm, a gated 1x1 (a * gelu(b)), a 1x1 back."""
-
-    def __init__(self, c: int, dilation: int = 1):
-        super().__init__()
-        q, d = c // 4, dilation
-        self.split = [c - 3 * q, q, q, q]
-        self.depthwise = nn.ModuleList(
-            nn.Conv2d(q, q, k, padding=p, dilation=dk, groups=q, bias=False)
-            for k, dk, p in ((3, d, d), (5, d, 2 * d), (3, 2 * d, 2 * d))
-        )
-        self.norm, self.norm_out = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
-        self.up, self.down = nn.Conv2d(c, 2 * c, 1, bias=False), nn.Conv2d(c, c, 1, bias=False)
-        self.scale = nn.Parameter(torch.ones(c, 1, 1))  # the learned residual scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kept, *parts = torch.split(x, self.split, 1)
-        mixed = torch.cat([kept, *(conv(p) for conv, p in zip(self.depthwise, parts))], 1)
-        a, b = self.up(self.norm(mixed)).chunk(2, 1)
-        return x + self.scale * self.norm_out(self.down(a * F.gelu(b)))
-
-
-def mixed_kernel_blocks(net: Net) -> Net:
-    """Design C: C2's shrink depthwise-separable, C3 and C4 one MixedKernelBlock each (C4's at dilation 2), at the
-    recipe's widths (112 and 128); maps stay 31 -> 23 -> 15 -> 7."""
-    net = separable_c2_shrink(net)
-    w3, w4 = geometry(net.c3[1])[:2]
-    net.c3 = nn.Sequential(MixedKernelBlock(w3), SeparableConv(w3, w4, dilation=4, padding=0))
-    net.c4 = nn.Sequential(MixedKernelBlock(w4, dilation=2))
-    return net
-
-
-def zero_init_residuals(net: Net) -> Net:
-    """Each residual branch starts as nothing, so every block starts as the identity and the network as a shallow
-    one that deepens as it learns (Goyal et al. 2017): the branch ends, as in ResNet, in its last BatchNorm with
-    scale 0. Its closing ReLU goes: after a zero scale it would pass no gradient (ReLU's at 0 is 0), and the
-    branch would never train."""
-    for block in net.modules():
-        if isinstance(block, Residual):
-            block.f[-1] = nn.Sequential(*list(block.f[-1])[:-1])  # the last ConvBNReLU or SeparableConv, no ReLU
-            nn.init.zeros_(block.f[-1][-1].weight)
-    return net
-
-
 def without_whitening(net: Net) -> Net:
     """C1 reads the pixels directly: its frozen 2x2 whitening and the ReLU after it dropped (the map stays 32x32)."""
     net.c1 = nn.Sequential(ConvBNReLU(3, net.c1[2][0].out_channels), *net.c1[3:])
@@ -206,7 +101,6 @@ class Variant:
     breaks: str
     recipe: dict[str, Any] = field(default_factory=dict)
     network: Callable[[Net], Net] | None = None
-    ema: float = 0.0  # > 0: an average of weights and BatchNorm buffers (this decay per step) is scored
 
     def applied_to(self, base: Recipe) -> Recipe:
         """The base recipe with this variant's fields changed."""
@@ -232,59 +126,7 @@ VARIANTS = (
     Variant("no label smoothing", "none", recipe={"label_smoothing": 0.0}),
     Variant("no patch whitening", "none", network=without_whitening),
 )
-# Levers for the next recipe: each keeps every S9 rule (CoarseDropout still fires, < 200k parameters),
-# so any of them could ship. Not in the default table; name them with --variants.
-LEVERS = (
-    Variant("CoarseDropout p=0.25", "none", recipe={"coarse_dropout_p": 0.25}),
-    Variant("widths 24-48-112-128", "none", recipe={"widths": (24, 48, 112, 128)}),  # 196,746 params, 11% fewer MACs
-    Variant("ShiftScaleRotate p=0.25", "none", recipe={"shift_scale_rotate_p": 0.25}),
-    Variant("weight decay 2.5e-4", "none", recipe={"weight_decay": 2.5e-4}),
-    Variant(
-        "CoarseDropout p=0.25 + widths 24-48-112-128",
-        "none",
-        recipe={"coarse_dropout_p": 0.25, "widths": (24, 48, 112, 128)},
-    ),
-    Variant("batch 256, peak lr 0.1", "none", recipe={"batch_size": 256, "max_lr": 0.1}),  # twice the steps
-    Variant("label smoothing 0.2", "none", recipe={"label_smoothing": 0.2}),
-    Variant(
-        "batch 256, peak lr 0.1 + CoarseDropout p=0.25",
-        "none",
-        recipe={"batch_size": 256, "max_lr": 0.1, "coarse_dropout_p": 0.25},
-    ),
-    Variant(  # the speed configuration's candidates: more steps and milder augmentation for a short schedule
-        "batch 256, peak lr 0.1 + CoarseDropout and ShiftScaleRotate p=0.25",
-        "none",
-        recipe={"batch_size": 256, "max_lr": 0.1, "coarse_dropout_p": 0.25, "shift_scale_rotate_p": 0.25},
-    ),
-    Variant(  # the levers that led the 40-epoch runs mid-schedule, together: the fastest early learning measured
-        "batch 256, peak lr 0.1 + CoarseDropout and ShiftScaleRotate p=0.25 + weight decay 2.5e-4",
-        "none",
-        recipe={
-            "batch_size": 256,
-            "max_lr": 0.1,
-            "coarse_dropout_p": 0.25,
-            "shift_scale_rotate_p": 0.25,
-            "weight_decay": 2.5e-4,
-        },
-    ),
-    Variant(
-        "batch 128, peak lr 0.05 + CoarseDropout p=0.25",
-        "none",
-        recipe={"batch_size": 128, "max_lr": 0.05, "coarse_dropout_p": 0.25},
-    ),
-    Variant("C1/C2 inverted residuals at full resolution", "none", network=full_resolution),
-    Variant(
-        "widths 40-56-96-128, separable C2 shrink",  # 191,810 params, 85.0 M MACs (1.21x)
-        "none",
-        recipe={"widths": (40, 56, 96, 128)},
-        network=separable_c2_shrink,
-    ),
-    Variant("A: late width + squeeze-excitation", "none", recipe={"widths": (32, 48, 128, 144)}, network=late_width_se),
-    Variant("C: mixed-kernel gated blocks", "none", recipe={"widths": (32, 48, 112, 128)}, network=mixed_kernel_blocks),
-    Variant("zero-init residuals", "none", network=zero_init_residuals),
-    Variant("EMA 0.995", "none", ema=0.995),  # about a two-epoch horizon at ~88 steps per epoch
-)
-BY_NAME = {v.name: v for v in VARIANTS + LEVERS}  # table order: the ablation's variants, then the levers
+BY_NAME = {v.name: v for v in VARIANTS}
 
 
 def slug(name: str) -> str:
@@ -295,11 +137,6 @@ def slug(name: str) -> str:
 def run_file(runs: Path, variant: Variant, seed: int, suffix: str) -> Path:
     """Where one run of a variant keeps its record (.json) or checkpoint (.pt): one name for writing and resuming."""
     return runs / f"{slug(variant.name)}-seed{seed}{suffix}"
-
-
-def machine(precision: Precision) -> str:
-    """'CPU: AMD EPYC, 2 cores (bf16 autocast)': what ran a row or a table, with its precision."""
-    return f"{precision.hardware} ({precision.name})"
 
 
 def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Path) -> dict[str, Any]:
@@ -316,25 +153,15 @@ def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Pa
     model.to(device, memory_format=torch.channels_last)
     checkpoint = run_file(runs, variant, seed, ".pt")
     config = {**recipe.run_config(data), "variant": variant.name}
-    averaged = {}
-    if variant.ema:  # updated after every optimizer step, checkpointed with the run, scored instead of the model
-        averaged["ema"] = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(variant.ema), use_buffers=True)
-        hook = register_optimizer_step_post_hook(lambda *_: averaged["ema"].update_parameters(model))
-    history = train_epochs(
-        model, recipe, *loaders, precision=precision, checkpoint=checkpoint, config=config, **averaged
-    )
-    if variant.ema:
-        hook.remove()
-    scored = averaged["ema"].module if variant.ema else model
+    history = train_epochs(model, recipe, *loaders, precision=precision, checkpoint=checkpoint, config=config)
     network = measure(model)
     row = {
         "variant": variant.name,
         "breaks": variant.breaks,
         "seed": seed,
         "evaluated_on": data.evaluation,  # "validation" with --validation: what recipe choices read
-        "test_acc": test(scored, loaders[1], dtype=precision.dtype)[1] if variant.ema else history[-1]["test_acc"],
-        "test_acc_tta": test(scored, loaders[1], dtype=precision.dtype, tta=True)[1],
-        "last_epoch_test_acc": history[-1]["test_acc"],  # the trained model's own, beside an average's
+        "test_acc": history[-1]["test_acc"],
+        "test_acc_tta": test(model, loaders[1], dtype=precision.dtype, tta=True)[1],
         "params": network.params,
         "macs": network.macs,
         "receptive_field": network.receptive_field,
@@ -342,7 +169,7 @@ def train_variant(variant: Variant, base: Recipe, seed: int, data: Any, runs: Pa
         "epochs": recipe.epochs,
         "train_images": len(data.train_images),
         "test_images": len(data.test_images),
-        "machine": machine(precision),
+        "machine": precision.machine,
         "date": time.strftime("%Y-%m-%d"),
     }
     run_file(runs, variant, seed, ".json").write_text(json.dumps(row, indent=2, allow_nan=False) + "\n")
@@ -367,7 +194,7 @@ def finished_row(path: Path, variant: Variant, base: Recipe, data: Any) -> dict[
     if differ:
         raise SystemExit(
             f"{path} is a finished run of another configuration (it differs in: {', '.join(differ)}): "
-            "pass another --out, or delete the file to train the run again"
+            "pass another --out to train this one beside it"
         )
     return row
 
@@ -379,29 +206,6 @@ def train_speeds(names: list[str], batch_size: int, steps: int) -> dict[str, flo
     """
     p = precision_policy()
     return {name: step_rate(p, True, batch_size, steps, BY_NAME[name].net()) for name in names}
-
-
-def cost_table(names: list[str], batch_size: int, steps: int) -> str:
-    """What each variant's network costs, without training it: the per-epoch cost rule reads the last column."""
-    speeds = train_speeds(names, batch_size, steps)
-    first = names[0]
-    lines = [
-        "# What each network costs",
-        "",
-        f"Train steps of batch {batch_size}, {steps} per network after a warm-up, timed one after another in one "
-        f"process on {machine(precision_policy())}, "
-        f"{time.strftime('%Y-%m-%d')}.",
-        "",
-        f"| network | parameters | MACs / image | receptive field | train images/s | time per image, x {first} |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name in names:
-        net = measure(BY_NAME[name].net())
-        lines.append(
-            f"| {name} | {net.params:,} | {net.macs / 1e6:.1f} M | {net.receptive_field} | "
-            f"{speeds[name]:,.0f} | {speeds[first] / speeds[name]:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def table(rows: list[dict[str, Any]], speeds: dict[str, float], quick: bool) -> str:
@@ -458,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     p = argparse.ArgumentParser(
         prog="python -m tools.ablation",
+        allow_abbrev=False,
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -476,18 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[v.name for v in VARIANTS],
         choices=list(BY_NAME),
-        help="the ablation's variants (default) and/or the levers that keep every S9 rule",
+        help="the variants to train (default: all)",
     )
     p.add_argument("--out", default="Results/experiments/ablation", help="table, picture and the per-run records")
     p.add_argument("--quick", action="store_true", help="512 / 256 images, 1 epoch")
-    p.add_argument("--cost-only", action="store_true", help="time the variants' networks side by side (cost.md)")
     a = p.parse_args(argv)
-    if a.cost_only:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        text = cost_table(a.variants, a.batch_size, 1 if a.quick else 5)
-        (Path(a.out) / "cost.md").write_text(text)
-        print(text, flush=True)
-        return 0
     base = replace(RECIPE, epochs=1 if a.quick else a.epochs, batch_size=a.batch_size)
     out, runs = Path(a.out), Path(a.out) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
