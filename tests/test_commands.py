@@ -44,12 +44,12 @@ def test_quick_run_writes_logs_metrics_plots_and_loadable_weights(cifar, cifar_r
     assert torch.equal(trained.c1[0].weight, fitted.c1[0].weight)
 
 
-def test_help_names_the_defaults_and_the_environment(capsys):
-    with pytest.raises(SystemExit):
+def test_help_lists_every_option_and_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as exit_:
         train.main(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "default: the recipe's" in text and "Results/quick" in text and "default: shipped" in text
-    assert "CIFAR10_ROOT" in text and "S9_QUICK=1" in text and "--quick" in text
+    text = capsys.readouterr().out
+    options = [o for action in train.parser()._actions for o in action.option_strings if o.startswith("--")]
+    assert exit_.value.code == 0 and len(options) > 5 and all(o in text for o in options)
 
 
 def test_the_speed_recipe_brings_its_own_epochs(cifar_root, tmp_path, monkeypatch):
