@@ -29,6 +29,14 @@ def time_to_target(history: list[dict[str, float]], target: float = TARGET_ACCUR
     return None, None
 
 
+def held_from(history: list[dict[str, float]], target: float = TARGET_ACCURACY) -> int | None:
+    """The epoch from which test accuracy stayed at or above `target` to the end; None if the last is below."""
+    held = None
+    for h in history:
+        held = (held or int(h["epoch"])) if h["test_acc"] >= target else None
+    return held
+
+
 def where_trained(history: list[dict], here: str) -> str:
     """'epochs 1-20 on A; 21-60 on B': the machine of each stretch of epochs (an epoch that names none ran `here`)."""
     spans: list[list] = []  # [first epoch, last epoch, machine]
@@ -81,6 +89,7 @@ def run_metrics(model: nn.Module, history: list[dict[str, float]], *, tta_accura
         "receptive_field": network.receptive_field,
         "epoch_to_85": epoch_85,
         "seconds_to_85": seconds_85,
+        "epoch_held_85": held_from(history),
         "total_train_seconds": sum(h["train_seconds"] for h in history),
         "total_seconds": sum(h["seconds"] for h in history),
         "device": precision.hardware,
@@ -102,6 +111,8 @@ def training_log(m: dict[str, Any]) -> str:
     c = m["config"]
     kind = "QUICK smoke run (small subset, not a result)" if c["quick"] else "full run"
     reached = f"epoch {m['epoch_to_85']}, {m['seconds_to_85']:.1f} s of training" if m["epoch_to_85"] else "not reached"
+    if m["epoch_held_85"]:
+        reached += f"; held from epoch {m['epoch_held_85']} to the end"
     lines = [
         "# Training log",
         "",

@@ -11,7 +11,7 @@ import train
 from helpers.measure import measure
 from helpers.model import Net
 from helpers.recipe import RECIPE, SPEED_RECIPE
-from helpers.results import time_to_target
+from helpers.results import held_from, time_to_target
 from tools import ablation, bench
 
 
@@ -19,6 +19,11 @@ def test_time_to_target_counts_training_seconds_until_the_first_epoch_at_85():
     history = [{"epoch": e, "test_acc": acc, "train_seconds": 10.0} for e, acc in enumerate([70, 84.9, 85.0, 86], 1)]
     assert time_to_target(history) == (3, 30.0)
     assert time_to_target(history[:2]) == (None, None)
+
+
+def test_85_percent_is_held_from_the_first_epoch_after_the_last_fall_below_it():
+    history = [{"epoch": e, "test_acc": acc} for e, acc in enumerate([84, 85.6, 83.5, 86, 85.0, 89], 1)]
+    assert held_from(history) == 4 and held_from(history[:3]) is None and held_from(history[1:2]) == 2
 
 
 def test_quick_run_writes_logs_metrics_plots_and_loadable_weights(cifar, cifar_root, tmp_path, monkeypatch, capsys):
