@@ -3,6 +3,7 @@ result can be rerun from its record), the weights and training_logs.md."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,15 +39,9 @@ def held_from(history: list[dict[str, float]], target: float = TARGET_ACCURACY) 
 
 
 def where_trained(history: list[dict], here: str) -> str:
-    """'epochs 1-20 on A; 21-60 on B': the machine of each stretch of epochs (an epoch that names none ran `here`)."""
-    spans: list[list] = []  # [first epoch, last epoch, machine]
-    for h in history:
-        machine = h.get("machine", here)
-        if spans and spans[-1][2] == machine:
-            spans[-1][1] = h["epoch"]
-        else:
-            spans.append([h["epoch"], h["epoch"], machine])
-    return "; ".join(f"epochs {a}-{b} on {m}" if a != b else f"epoch {a} on {m}" for a, b, m in spans)
+    """'epochs 1-20 on A; epochs 21-60 on B': the machine of each stretch of epochs (one that names none ran `here`)."""
+    spans = [(m, [h["epoch"] for h in g]) for m, g in itertools.groupby(history, lambda h: h.get("machine", here))]
+    return "; ".join(f"epochs {e[0]}-{e[-1]} on {m}" if len(e) > 1 else f"epoch {e[0]} on {m}" for m, e in spans)
 
 
 def write_results(

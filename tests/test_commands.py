@@ -11,7 +11,7 @@ import train
 from helpers.measure import measure
 from helpers.model import Net
 from helpers.recipe import RECIPE, SPEED_RECIPE
-from helpers.results import held_from, time_to_target
+from helpers.results import held_from, time_to_target, where_trained
 from tools import ablation, bench
 
 
@@ -19,6 +19,11 @@ def test_time_to_target_counts_training_seconds_until_the_first_epoch_at_85():
     history = [{"epoch": e, "test_acc": acc, "train_seconds": 10.0} for e, acc in enumerate([70, 84.9, 85.0, 86], 1)]
     assert time_to_target(history) == (3, 30.0)
     assert time_to_target(history[:2]) == (None, None)
+
+
+def test_a_run_resumed_elsewhere_names_the_machine_of_each_stretch_of_epochs():
+    history = [{"epoch": 1, "machine": "A"}, {"epoch": 2, "machine": "A"}, {"epoch": 3, "machine": "B"}, {"epoch": 4}]
+    assert where_trained(history, here="C") == "epochs 1-2 on A; epoch 3 on B; epoch 4 on C"
 
 
 def test_85_percent_is_held_from_the_first_epoch_after_the_last_fall_below_it():
