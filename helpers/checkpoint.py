@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .measure import count_parameters
+
 # What a refusal offers instead of the file in the way, which it never asks to delete.
 ANOTHER_PATH = "python3 train.py --checkpoint NEW.pt, or CHECKPOINT = 'NEW.pt' in the notebook's parameters cell"
 
@@ -43,8 +45,7 @@ def describe_network(model: nn.Module) -> str:
     layers = [m for m in model.modules() if list(m.parameters(recurse=False))]  # convolutions, BatchNorms, linears
     layout = "".join(f"{name}{tuple(t.shape)}" for name, t in model.state_dict().items())
     digest = hashlib.sha1(layout.encode()).hexdigest()[:6]
-    params = sum(p.numel() for p in model.parameters())
-    return f"{type(model).__name__}: {params:,} parameters in {len(layers)} layers (layout {digest})"
+    return f"{type(model).__name__}: {count_parameters(model):,} parameters in {len(layers)} layers (layout {digest})"
 
 
 def save_checkpoint(path: str | Path | None, *, model: nn.Module, config: dict, history: list, **states: Any) -> None:

@@ -152,7 +152,7 @@ def measure(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) ->
         for h in hooks:
             h.remove()
     last_map = max((i for i, row in enumerate(tracer.rows) if row.size_out > 1), default=-1)
-    rows = [row for row in tracer.rows[: last_map + 1] if row.size_out > 1]
+    rows = [row for row in tracer.rows if row.size_out > 1]
     return Measures(rows, tracer.rows[last_map + 1 :], tracer.last_map_rf, tracer.macs, count_parameters(model))
 
 
@@ -203,7 +203,7 @@ def s9_rules(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -
     convs = [r for r in m.rows if r.op == "conv2d"]
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     shrinking = [r for r in m.rows if "max" in r.op or r.stride > 1] + [r for r in m.head if "max" in r.op]
-    pooled = [f"{r.layer} ({r.op}, stride {r.stride})" for r in shrinking]  # the global average pool may stride
+    pooled = [f"{r.layer} ({r.op}, stride {r.stride})" for r in shrinking]  # a global average pool is not one
     depthwise = [
         a.layer for a, b in zip(convs, convs[1:]) if a.groups == a.c_in > 1 and b.kernel == 1 and b.c_in == a.c_out
     ]
