@@ -12,7 +12,7 @@ from helpers.measure import measure
 from helpers.model import Net
 from helpers.recipe import RECIPE, SPEED_RECIPE
 from helpers.results import held_from, time_to_target, where_trained
-from tools import ablation, bench
+from tools import ablation, bench, evidence
 
 
 def test_time_to_target_counts_training_seconds_until_the_first_epoch_at_85():
@@ -60,6 +60,13 @@ def test_help_lists_every_option_and_exits_cleanly(capsys):
     text = capsys.readouterr().out
     options = [o for action in train.parser()._actions for o in action.option_strings if o.startswith("--")]
     assert exit_.value.code == 0 and len(options) > 5 and all(o in text for o in options)
+
+
+@pytest.mark.parametrize("tool, typo", [(ablation, "--epoch"), (bench, "--batch"), (evidence, "--quic")])
+def test_the_tools_refuse_an_abbreviated_option(tool, typo, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        tool.parser().parse_args([typo, "1"] if tool is not evidence else [typo])
+    assert exit_.value.code == 2 and typo in capsys.readouterr().err
 
 
 def test_the_speed_recipe_brings_its_own_epochs(cifar_root, tmp_path, monkeypatch):

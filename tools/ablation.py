@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from helpers.backprop import test  # noqa: E402
-from helpers.dataset import cifar10, make_loaders  # noqa: E402
+from helpers.dataset import ImageData, cifar10, make_loaders  # noqa: E402
 from helpers.device import precision_policy  # noqa: E402
 from helpers.measure import count_parameters, measure  # noqa: E402
 from helpers.model import ConvBNReLU, Net, PatchWhitening, Residual, SeparableConv  # noqa: E402
@@ -258,8 +258,8 @@ def picture(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
+def parser() -> argparse.ArgumentParser:
+    """The command line; no abbreviated options, so a typo is an error instead of another option."""
     p = argparse.ArgumentParser(
         prog="python -m tools.ablation",
         allow_abbrev=False,
@@ -285,15 +285,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default="Results/experiments/ablation", help="table, picture and the per-run records")
     p.add_argument("--quick", action="store_true", help="512 / 256 images, 1 epoch")
-    a = p.parse_args(argv)
+    return p
+
+
+def evaluation_data(validation: int | None, train_images: int | None, quick: bool) -> ImageData:
+    """CIFAR-10 as the variants see it: `validation` training images held out in place of the test set (one split
+    for every variant and seed), then a seeded subset of the train split when asked."""
+    data = cifar10()
+    if validation:
+        data = data.hold_out(validation, seed=0)
+    if quick or train_images:
+        data = data.subsample() if quick else data.subsample(train_images=train_images, test_images=None)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    a = parser().parse_args(argv)
     base = replace(RECIPE, epochs=1 if a.quick else a.epochs, batch_size=a.batch_size)
     out, runs = Path(a.out), Path(a.out) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    data, rows = cifar10(), []
-    if a.validation:
-        data = data.hold_out(a.validation, seed=0)  # one split for every variant and seed
-    if a.quick or a.train_images:
-        data = data.subsample() if a.quick else data.subsample(train_images=a.train_images, test_images=None)
+    data, rows = evaluation_data(a.validation, a.train_images, a.quick), []
     print(
         f"ablation on {precision_policy().hardware}: {len(a.variants)} variants x seeds {a.seeds} -> {out}/", flush=True
     )

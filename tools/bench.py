@@ -11,9 +11,11 @@ GradScaler, as training runs it. Prints numbers; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -119,8 +121,10 @@ def epoch_seconds(loader: DataLoader, precision: Precision) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line; no abbreviated options, so a typo is an error instead of another option."""
     p = argparse.ArgumentParser(
         prog="python -m tools.bench",
+        allow_abbrev=False,
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -140,13 +144,42 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def loader_rows(
+    data: ImageData, precision: Precision, batch_size: int, workers: int, batches: int, compare: list[int]
+) -> Iterator[tuple[str, str, str]]:
+    """Table rows (measurement, naive, make_loaders): images/s delivered, one epoch, one epoch per worker count."""
+    device, augment = precision.device, RECIPE.augmentations(data.mean)
+    naive = naive_loader(data, batch_size, workers, device)
+    fast = make_loaders(data, batch_size=batch_size, augment=augment, device=device, num_workers=workers)[0]
+    rates = f"{loader_rate(naive, batches):,.0f}", f"{loader_rate(fast, batches):,.0f}"
+    yield f"loader images/s ({batches} batches)", *rates
+    yield (
+        f"one training epoch, s ({len(naive.dataset)} images, {workers} workers)",
+        f"{epoch_seconds(naive, precision):.2f}",
+        f"{epoch_seconds(fast, precision):.2f}",
+    )
+    for count in compare:
+        loader = make_loaders(data, batch_size=batch_size, augment=augment, device=device, num_workers=count)[0]
+        yield f"one training epoch, s, {count} loader workers", "", f"{epoch_seconds(loader, precision):.2f}"
+
+
+def step_rows(precision: Precision, batch_size: int, steps: int) -> Iterator[tuple[str, str, str]]:
+    """Table rows of train-step images/s: fp32 and the policy's precision, each contiguous and channels_last."""
+    for dtype in dict.fromkeys((None, precision.dtype)):
+        for channels_last in (False, True):
+            rate = step_rate(replace(precision, dtype=dtype), channels_last, batch_size, steps)
+            scaler = " + GradScaler" if dtype == torch.float16 else ""
+            layout = "channels_last" if channels_last else "contiguous"
+            yield f"train step images/s, {DTYPE_NAMES[dtype]}{scaler}, {layout}", "", f"{rate:,.0f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: prints a markdown report (and writes it with --out)."""
     a = parser().parse_args(argv)
     precision = precision_policy()
-    device, gpu = precision.device, precision.device.type == "cuda"
+    gpu = precision.device.type == "cuda"
     torch.backends.cudnn.benchmark = True  # as training sets it; no effect off CUDA
-    workers = default_workers(device) if a.workers is None else a.workers
+    workers = default_workers(precision.device) if a.workers is None else a.workers
     batches, steps = a.loader_batches or (90 if gpu else 10), a.steps or (50 if gpu else 3)
     size = a.epoch_images or (None if gpu else 5120)
     compare = a.compare_workers if a.compare_workers is not None else sorted({1, 2, os.cpu_count() or 1})
@@ -160,38 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         "| --- | ---: | ---: |",
     ]
     print("\n".join(lines), flush=True)
-
-    def row(name: str, naive: str, fast: str) -> None:
-        lines.append(f"| {name} | {naive} | {fast} |")
-        print(lines[-1], flush=True)
-
     data = cifar10().subsample(train_images=size, test_images=1000)  # loaded once for every loader below
-    naive = naive_loader(data, a.batch_size, workers, device)
-    augment = RECIPE.augmentations(data.mean)
-    fast = make_loaders(data, batch_size=a.batch_size, augment=augment, device=device, num_workers=workers)[0]
-    row(
-        f"loader images/s ({batches} batches)",
-        f"{loader_rate(naive, batches):,.0f}",
-        f"{loader_rate(fast, batches):,.0f}",
-    )
-    row(
-        f"one training epoch, s ({len(naive.dataset)} images, {workers} workers)",
-        f"{epoch_seconds(naive, precision):.2f}",
-        f"{epoch_seconds(fast, precision):.2f}",
-    )
-    for count in compare:
-        loader = make_loaders(data, batch_size=a.batch_size, augment=augment, device=device, num_workers=count)[0]
-        row(
-            f"one training epoch, s, {count} loader workers",
-            "",
-            f"{epoch_seconds(loader, precision):.2f}",
-        )
-    for dtype in dict.fromkeys((None, precision.dtype)):
-        for channels_last in (False, True):
-            rate = step_rate(replace(precision, dtype=dtype), channels_last, a.batch_size, steps)
-            scaler = " + GradScaler" if dtype == torch.float16 else ""
-            layout = "channels_last" if channels_last else "contiguous"
-            row(f"train step images/s, {DTYPE_NAMES[dtype]}{scaler}, {layout}", "", f"{rate:,.0f}")
+    rows = loader_rows(data, precision, a.batch_size, workers, batches, compare)
+    for row in itertools.chain(rows, step_rows(precision, a.batch_size, steps)):
+        lines.append(f"| {' | '.join(row)} |")
+        print(lines[-1], flush=True)  # each row as it is measured
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text("\n".join(lines) + "\n")

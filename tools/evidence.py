@@ -97,14 +97,42 @@ def copy_to(out: Path, folder: Path, results: Path) -> None:
     print(f"copied summary.md and evidence.tar.gz to {out}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    p = argparse.ArgumentParser(prog="python -m tools.evidence", description=__doc__.splitlines()[0])
+def parser() -> argparse.ArgumentParser:
+    """The command line; no abbreviated options, so a typo is an error instead of another option."""
+    p = argparse.ArgumentParser(
+        prog="python -m tools.evidence", allow_abbrev=False, description=__doc__.splitlines()[0]
+    )
     p.add_argument("--quick", action="store_true", help="every step on a few hundred images: tests the path")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="which parts to run (default: all)")
     p.add_argument("--results", default=str(ROOT / "Results" / "experiments"), help="the folder that gets <hardware>/")
     p.add_argument("--copy-to", default=None, help="also leave the summary and an archive of everything here")
-    a = p.parse_args(argv)
+    return p
+
+
+def summary_text(header: str, rows: list[str], notes: list[str], quick: bool) -> str:
+    """summary.md: what ran and how it is counted, then one row per configuration."""
+    return "\n".join(
+        [
+            f"# Evidence: {header}, {time.strftime('%Y-%m-%d')}",
+            "",
+            f"{'QUICK path check (a few hundred images): not a result. ' if quick else ''}"
+            f"Seeds {', '.join(map(str, SEEDS))}, each in its own process; the final epoch's test accuracy, never "
+            "the best; time to 85% counts training seconds only, per run the whole run with evaluation.",
+            "",
+            "| configuration | epochs | final acc, mean +- sd | min .. max | flip TTA, mean | time to 85% | "
+            "s per epoch | s per run |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *rows,
+            "",
+            *notes,
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    a = parser().parse_args(argv)
     precision = precision_policy()
     folder = Path(a.results) / (hardware_slug(precision.hardware) + ("-quick" if a.quick else ""))
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,23 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(summarize(name, run_seeds(name, folder, a.quick)))
     if "notebook" in a.steps:
         notes.append(f"S9.ipynb executed top to bottom in {execute_notebook(a.quick, folder):.0f} s.")
-    summary = "\n".join(
-        [
-            f"# Evidence: {header}, {time.strftime('%Y-%m-%d')}",
-            "",
-            f"{'QUICK path check (a few hundred images): not a result. ' if a.quick else ''}"
-            f"Seeds {', '.join(map(str, SEEDS))}, each in its own process; the final epoch's test accuracy, never "
-            "the best; time to 85% counts training seconds only, per run the whole run with evaluation.",
-            "",
-            "| configuration | epochs | final acc, mean +- sd | min .. max | flip TTA, mean | time to 85% | "
-            "s per epoch | s per run |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-            *rows,
-            "",
-            *notes,
-            "",
-        ]
-    )
+    summary = summary_text(header, rows, notes, a.quick)
     (folder / "summary.md").write_text(summary)
     print("\n" + summary, flush=True)
     if a.copy_to:
